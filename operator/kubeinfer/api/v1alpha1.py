@@ -1,0 +1,573 @@
+"""The `LLMModel` API (group kubeinfer.io, version v1alpha1), as pydantic models.
+
+These classes are the single source of the API: the CRD in `crds/` is generated from them (field
+docstrings become its descriptions; `CEL` rules below become `x-kubernetes-validations`), the renderer
+reads them, and `kubeinfer validate` checks manifests with them and with the same CEL rules the
+apiserver evaluates.
+
+Fields use Kubernetes camelCase on the wire and snake_case in Python.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import re
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from kubeinfer import contract
+from kubeinfer.api import enums
+
+Engine = Literal["vllm", "llama-server"]
+Modality = Literal["text", "image"]
+Thinking = Literal["default", "enabled", "disabled"]
+RoutingStrategy = Literal["least-load", "prefix-aware", "round-robin"]
+
+QUANTITY_RE = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
+DURATION_RE = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"
+# hf://org/repo[/file.gguf], pvc://claim/path, org/repo[:QUANT]; s3:// and gs:// parse but are refused
+# with their own message (CEL) so the user learns they are planned rather than misspelt.
+SOURCE_RE = (
+    r"^(hf://[A-Za-z0-9][\w.-]*/[\w.-]+(/[\w./-]+)?"
+    r"|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/[\w./-]*)?"
+    r"|[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?"
+    r"|(s3|gs)://.+)$"
+)
+PARAMETERS_RE = r"^[0-9]+(\.[0-9]+)?[MBT](-A[0-9]+(\.[0-9]+)?[MB])?$"
+LABEL_VALUE_RE = r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+
+
+def _quantity_to_str(value: Any) -> Any:
+    # Users write `cpu: 4` as often as `cpu: "4"`; keep one canonical string form.
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float):
+        return str(value)
+    return value
+
+
+def _matching(pattern: str, what: str) -> Any:
+    def check(value: str) -> str:
+        if not re.fullmatch(pattern, value):
+            raise ValueError(f"{value!r} is not {what}")
+        return value
+
+    return AfterValidator(check)
+
+
+Quantity = Annotated[
+    str,
+    BeforeValidator(_quantity_to_str),
+    _matching(QUANTITY_RE, "a Kubernetes quantity such as 4, 500m, 16Gi"),
+    Field(json_schema_extra={"x-kubernetes-int-or-string": True}),
+]
+Duration = Annotated[
+    str,
+    _matching(DURATION_RE, "a duration such as 30s, 5m, 1h"),
+    Field(max_length=32, json_schema_extra={"pattern": DURATION_RE}),
+]
+Name = Annotated[str, Field(min_length=1, max_length=253)]
+
+
+def cel(*rules: tuple[str, str]) -> dict[str, Any]:
+    """`json_schema_extra` carrying CEL rules: (rule, message) pairs."""
+    return {"x-kubernetes-validations": [{"rule": r, "message": m} for r, m in rules]}
+
+
+def _quoted(values: tuple[str, ...]) -> str:
+    return "[" + ", ".join(f"'{v}'" for v in values) + "]"
+
+
+class Base(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        use_attribute_docstrings=True,
+        frozen=True,
+    )
+
+
+FreeForm = Annotated[
+    dict[str, Any],
+    Field(json_schema_extra={"x-kubernetes-preserve-unknown-fields": True, "type": "object"}),
+]
+
+
+class SecretKeyRef(Base):
+    name: Name
+    """Name of a Secret in the model's namespace."""
+    key: str = Field(default="token", min_length=1, max_length=253)
+    """Key within the Secret."""
+
+
+class Architecture(Base):
+    """Architecture hints for the KV-cache estimate; typical values for the size are assumed if unset."""
+
+    layers: int | None = Field(default=None, ge=1, le=1024)
+    """Number of transformer layers (num_hidden_layers)."""
+    kv_heads: int | None = Field(default=None, ge=1, le=1024)
+    """Number of key/value heads (num_key_value_heads; fewer than attention heads with GQA)."""
+    head_dim: int | None = Field(default=None, ge=1, le=4096)
+    """Dimension of one attention head."""
+
+
+class ModelSpec(Base):
+    model_config = ConfigDict(
+        json_schema_extra=cel(
+            (
+                "!has(self.source) || !(self.source.startsWith('s3://') || self.source.startsWith('gs://'))",
+                "s3:// and gs:// sources are not supported yet: use hf://org/repo, org/repo:QUANT or "
+                "pvc://claim/path",
+            ),
+            (
+                "!has(self.servedName) || !has(self.aliases) || !(self.servedName in self.aliases)",
+                "model.aliases must not repeat model.servedName",
+            ),
+            (
+                "!has(self.revision) || !has(self.source) || !self.source.startsWith('pvc://')",
+                "model.revision applies to Hugging Face sources only, not pvc://",
+            ),
+        )
+    )
+
+    source: str | None = Field(default=None, max_length=512, pattern=SOURCE_RE)
+    """Where the weights come from: `hf://org/repo` (a Hugging Face repository), `hf://org/repo/file.gguf`
+    or `org/repo:Q4_K_M` (a GGUF file or quant of a repository, llama-server), or `pvc://claim/path`
+    (a path in a PersistentVolumeClaim, mounted read-only). Unset for `remote` models."""
+    revision: str | None = Field(default=None, max_length=128)
+    """Hugging Face revision (branch, tag or commit) to load; vLLM only."""
+    served_name: str | None = Field(default=None, min_length=1, max_length=256, pattern=r"^[\w./:@-]+$")
+    """The public model id clients send in `model`; defaults to metadata.name."""
+    aliases: list[Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[\w./:@-]+$")]] | None = (
+        Field(default=None, max_length=16, json_schema_extra={"x-kubernetes-list-type": "set"})
+    )
+    """Other ids that route to this model."""
+    parameters: str | None = Field(default=None, pattern=PARAMETERS_RE, max_length=32)
+    """Parameter count hint for the GPU-memory estimate: `7B`, `12B`, `500M`, or total-active for
+    mixture-of-experts such as `35B-A3B`."""
+    architecture: Architecture | None = None
+    trust_remote_code: bool | None = None
+    """Allow the checkpoint's own Python code to run (vLLM `--trust-remote-code`)."""
+    token_secret_ref: SecretKeyRef | None = None
+    """Secret holding a Hugging Face token, exported to the engine as HF_TOKEN."""
+
+
+class Quantization(Base):
+    method: Literal[enums.VLLM_QUANTIZATION_METHODS + enums.GGUF_TYPES] | None = None  # type: ignore[valid-type]
+    """Weight quantization. vLLM: one of its `--quantization` methods (awq, gptq, fp8, ...);
+    llama-server: the GGUF type (Q4_K_M, Q5_K_S, Q8_0, ...), which picks the file of a Hugging Face
+    repository and sizes the estimate."""
+    dtype: Literal[enums.VLLM_DTYPES] | None = None  # type: ignore[valid-type]
+    """Activation/weight dtype (vLLM `--dtype`); a GGUF file fixes its own types."""
+    weight_bits: float | None = Field(default=None, gt=0, le=32)
+    """Override of the bits per weight the estimate assumes for this quantization."""
+
+
+class KVCache(Base):
+    dtype: Literal[enums.VLLM_KV_CACHE_DTYPES + enums.LLAMA_KV_CACHE_TYPES] | None = None  # type: ignore[valid-type]
+    """KV-cache data type: vLLM `--kv-cache-dtype` (auto, fp8, ...) or llama-server `-ctk/-ctv`
+    (f16, q8_0, ...)."""
+    memory_bytes: int | None = Field(default=None, ge=1 << 20)
+    """Fixed KV-cache size in bytes (vLLM `--kv-cache-memory-bytes`); vLLM then ignores
+    gpuMemoryUtilization for the cache."""
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
+    """Fraction of GPU memory vLLM may reserve (`--gpu-memory-utilization`, vLLM default 0.92)."""
+    prefix_caching: bool | None = None
+    """Reuse the KV cache of shared prompt prefixes (vLLM `--enable-prefix-caching`, llama-server
+    `--cache-prompt`)."""
+
+
+class Parallelism(Base):
+    tensor: int = Field(default=1, ge=1, le=64)
+    """Tensor-parallel degree (vLLM `-tp`; llama-server splits rows across GPUs)."""
+    pipeline: int = Field(default=1, ge=1, le=64)
+    """Pipeline-parallel degree (vLLM `-pp`; llama-server splits layers across GPUs)."""
+
+
+class DraftSettings(Base):
+    """llama-server draft-model settings."""
+
+    min_tokens: int | None = Field(default=None, ge=0, le=64)
+    """Minimum draft tokens (`--spec-draft-n-min`)."""
+    p_min: float | None = Field(default=None, ge=0, le=1)
+    """Minimum draft probability to continue drafting (`--spec-draft-p-min`)."""
+    gpu_layers: int | None = Field(default=None, ge=-1, le=1024)
+    """Draft-model layers offloaded to the GPU (`-ngld`); -1 for all."""
+
+
+class Speculative(Base):
+    method: Literal[enums.VLLM_SPECULATIVE_METHODS + enums.LLAMA_SPEC_TYPES]  # type: ignore[valid-type]
+    """vLLM: a speculative method (mtp, draft_model, ngram, eagle3, ...); llama-server: a `--spec-type`
+    (draft-simple, draft-mtp, ngram-mod, ...)."""
+    model: str | None = Field(default=None, max_length=512, pattern=SOURCE_RE)
+    """Draft or assistant checkpoint, in the same forms as model.source."""
+    num_tokens: int | None = Field(default=None, ge=1, le=16)
+    """Tokens proposed per step (vLLM num_speculative_tokens, llama-server `--spec-draft-n-max`)."""
+    draft: DraftSettings | None = None
+    config: FreeForm | None = None
+    """Extra vLLM speculative_config keys (for example moe_backend, attention_backend)."""
+
+
+class Multimodal(Base):
+    limit_per_prompt: dict[str, Annotated[int, Field(ge=0, le=256)]] | None = Field(
+        default=None, max_length=8
+    )
+    """Items per prompt by modality, e.g. {image: 1} (vLLM `--limit-mm-per-prompt`)."""
+    processor_kwargs: FreeForm | None = None
+    """Multimodal processor arguments, e.g. {max_pixels: 4014080} (vLLM `--mm-processor-kwargs`)."""
+    mmproj: str | None = Field(default=None, max_length=512, pattern=r"^(auto|hf://.+\.gguf|pvc://.+\.gguf)$")
+    """The vision projector of a GGUF model (llama-server): `pvc://claim/mmproj.gguf`,
+    `hf://org/repo/mmproj.gguf`, or `auto` to take the one that sits beside an hf source."""
+    image_max_tokens: int | None = Field(default=None, ge=1, le=65536)
+    """Maximum tokens one image may take (llama-server `--image-max-tokens`)."""
+
+
+class Reasoning(Base):
+    parser: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[\w.-]+$")
+    """vLLM `--reasoning-parser` (qwen3, deepseek_r1, ...); llama-server `--reasoning-format`
+    (none, deepseek, deepseek-legacy, auto)."""
+    thinking: Thinking = "default"
+    """Whether the chat template thinks by default: vLLM sets enable_thinking in the default chat
+    template kwargs; llama-server `--reasoning on|off`."""
+    chat_template_kwargs: FreeForm | None = None
+    """Default chat-template arguments (vLLM `--default-chat-template-kwargs`, llama-server
+    `--chat-template-kwargs`)."""
+
+
+class Resources(Base):
+    model_config = ConfigDict(
+        json_schema_extra=cel(
+            ("!has(self.gpuType) || !has(self.gpuMemory)", "set resources.gpuType or resources.gpuMemory, not both"),
+        )
+    )
+
+    gpus: int = Field(default=1, ge=0, le=64)
+    """GPUs per replica (0 runs on CPU)."""
+    gpu_resource_name: str = Field(default="nvidia.com/gpu", max_length=253, pattern=r"^[\w.-]+/[\w.-]+$")
+    """Extended resource name of the GPUs."""
+    gpu_type: str | None = Field(default=None, max_length=64, pattern=r"^[A-Za-z0-9][\w.-]*$")
+    """GPU model for the fit estimate, e.g. L4, A100-80GB, H100, RTX-4090 (see docs for the table)."""
+    gpu_memory: Quantity | None = None
+    """Memory of one GPU, e.g. 16Gi, if the type is not in the table."""
+    cpu: Quantity | None = None
+    """CPU request and limit."""
+    memory: Quantity | None = None
+    """Memory request and limit."""
+    shm_size: Quantity | None = None
+    """Size of /dev/shm (used by NCCL between tensor-parallel workers); default 2Gi, or 8Gi with
+    tensor or pipeline parallelism."""
+    skip_fit_check: bool = False
+    """Create pods even when the estimate says the model does not fit its GPUs."""
+
+
+class Scheduling(Base):
+    node_selector: dict[str, str] | None = None
+    tolerations: list[FreeForm] | None = Field(default=None, max_length=64)
+    affinity: FreeForm | None = None
+    priority_class_name: str | None = Field(default=None, max_length=253)
+    runtime_class_name: str | None = Field(default=None, max_length=253)
+
+
+class Autoscaling(Base):
+    model_config = ConfigDict(
+        json_schema_extra=cel(
+            ("self.minReplicas <= self.maxReplicas", "autoscaling.minReplicas must not exceed maxReplicas"),
+        )
+    )
+
+    min_replicas: int = Field(default=1, ge=0, le=1000)
+    """Lowest replica count; 0 scales to zero when idle."""
+    max_replicas: int = Field(default=1, ge=1, le=1000)
+    target_inflight_per_replica: int = Field(default=8, ge=1, le=10000)
+    """In-flight requests per replica the autoscaler aims for."""
+    scale_down_delay: Duration = "5m"
+    """How long load must stay low before replicas are removed."""
+
+
+class Routing(Base):
+    strategy: RoutingStrategy = "least-load"
+    """How the gateway picks a replica."""
+    target_inflight: int | None = Field(default=None, ge=1, le=10000)
+    """Requests a replica takes at once before the gateway queues (defaults to maxNumSeqs, else 32)."""
+    max_queue: int = Field(default=100, ge=0, le=100000)
+    """Requests waiting per model beyond which the gateway answers 429."""
+    queue_timeout: Duration = "30s"
+    """How long a request may wait for a replica."""
+    session_header: str | None = Field(default=None, max_length=128, pattern=r"^[A-Za-z0-9-]+$")
+    """Request header whose value pins a session to one replica."""
+
+
+class Remote(Base):
+    base_url: str = Field(alias="baseURL", max_length=2048, pattern=r"^https?://[^\s]+$")
+    """Base URL of an OpenAI-compatible API, e.g. https://api.example.com/v1."""
+    model: str = Field(min_length=1, max_length=256)
+    """Model id to send upstream."""
+    api_key_secret_ref: SecretKeyRef | None = None
+    """Secret holding the upstream API key."""
+
+
+class EnvVar(Base):
+    model_config = ConfigDict(extra="allow", json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+
+    name: str = Field(min_length=1, max_length=256, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
+    value: str | None = None
+
+
+_VLLM_QUANT = _quoted(enums.VLLM_QUANTIZATION_METHODS)
+_VLLM_KV = _quoted(enums.VLLM_KV_CACHE_DTYPES)
+_VLLM_SPEC = _quoted(enums.VLLM_SPECULATIVE_METHODS)
+_LLAMA_REASONING = _quoted(enums.LLAMA_REASONING_FORMATS)
+_GGUF_SOURCE = "(self.model.source.endsWith('.gguf') || self.model.source.matches('^[^:]+/[^:/]+:[^/]+$'))"
+
+SPEC_RULES: tuple[tuple[str, str], ...] = (
+    (
+        "has(self.remote) != has(self.model.source)",
+        "set exactly one of model.source (kubeinfer runs the model) and remote (an existing "
+        "OpenAI-compatible endpoint)",
+    ),
+    (
+        "!has(self.remote) || !(has(self.quantization) || has(self.kvCache) || has(self.speculative) || "
+        "has(self.parallelism) || has(self.multimodal) || has(self.image) || has(self.extraArgs) || "
+        "has(self.podTemplate) || has(self.maxModelLen) || has(self.maxNumSeqs))",
+        "remote models run no pods: engine settings (quantization, kvCache, speculative, parallelism, "
+        "multimodal, maxModelLen, maxNumSeqs, image, extraArgs, podTemplate) are not allowed with remote",
+    ),
+    (
+        f"self.engine == 'llama-server' || !has(self.model.source) || !{_GGUF_SOURCE}",
+        "GGUF sources (a .gguf file or org/repo:QUANT) need engine llama-server",
+    ),
+    (
+        "self.engine != 'llama-server' || !has(self.model.source) || !self.model.source.startsWith('pvc://') "
+        "|| self.model.source.endsWith('.gguf')",
+        "llama-server loads one .gguf file: a pvc:// source must end in .gguf",
+    ),
+    (
+        "!has(self.quantization) || !has(self.quantization.method) || "
+        f"((self.engine == 'vllm') == (self.quantization.method in {_VLLM_QUANT}))",
+        "quantization.method must be a vLLM method (awq, gptq, fp8, ...) with engine vllm, and a GGUF "
+        "type (Q4_K_M, Q5_K_S, Q8_0, ...) with engine llama-server",
+    ),
+    (
+        "self.engine == 'vllm' || !has(self.quantization) || !has(self.quantization.dtype)",
+        "quantization.dtype is a vLLM setting (--dtype): a GGUF file fixes its own types",
+    ),
+    (
+        "!has(self.quantization) || !has(self.quantization.method) || !has(self.model.source) || "
+        "!self.model.source.matches(':[A-Za-z0-9_]+$') || "
+        "self.model.source.endsWith(':' + self.quantization.method)",
+        "model.source names a GGUF quant (org/repo:QUANT) that differs from quantization.method",
+    ),
+    (
+        "!has(self.kvCache) || !has(self.kvCache.dtype) || "
+        f"((self.engine == 'vllm') == (self.kvCache.dtype in {_VLLM_KV}))",
+        "kvCache.dtype must be a vLLM --kv-cache-dtype (auto, fp8, ...) with engine vllm, and a "
+        "llama-server cache type (f16, q8_0, q4_0, ...) with engine llama-server",
+    ),
+    (
+        "self.engine == 'vllm' || !has(self.kvCache) || "
+        "!(has(self.kvCache.memoryBytes) || has(self.kvCache.gpuMemoryUtilization))",
+        "kvCache.memoryBytes and kvCache.gpuMemoryUtilization are vLLM settings; llama-server sizes its "
+        "cache from maxModelLen x maxNumSeqs",
+    ),
+    (
+        "self.engine == 'vllm' || !(has(self.model.revision) || has(self.model.trustRemoteCode))",
+        "model.revision and model.trustRemoteCode are vLLM settings",
+    ),
+    (
+        "!has(self.parallelism) || self.resources.gpus == 0 || "
+        "self.parallelism.tensor * self.parallelism.pipeline <= self.resources.gpus",
+        "parallelism.tensor x parallelism.pipeline must not exceed resources.gpus",
+    ),
+    (
+        "self.engine == 'vllm' || !has(self.parallelism) || "
+        "self.parallelism.tensor == 1 || self.parallelism.pipeline == 1",
+        "llama-server splits a model either by rows (tensor) or by layers (pipeline), not both",
+    ),
+    (
+        "!has(self.speculative) || "
+        f"((self.engine == 'vllm') == (self.speculative.method in {_VLLM_SPEC}))",
+        "speculative.method must be a vLLM method (mtp, draft_model, ngram, eagle3, ...) with engine "
+        "vllm, and a llama-server --spec-type (draft-simple, draft-mtp, ngram-mod, ...) with llama-server",
+    ),
+    (
+        "!has(self.speculative) || has(self.speculative.model) || !(self.speculative.method in "
+        f"{_quoted(enums.VLLM_SPECULATIVE_NEEDS_MODEL + enums.LLAMA_SPEC_NEEDS_MODEL)})",
+        "this speculative.method loads a draft model: set speculative.model",
+    ),
+    (
+        "self.engine == 'vllm' || !has(self.speculative) || !has(self.speculative.model) || "
+        "!self.speculative.model.startsWith('hf://') || !self.speculative.model.endsWith('.gguf')",
+        "llama-server takes a draft model as pvc://claim/file.gguf or org/repo[:QUANT], not hf://.../file.gguf",
+    ),
+    (
+        "self.engine == 'llama-server' || !has(self.speculative) || !has(self.speculative.draft)",
+        "speculative.draft holds llama-server settings; for vLLM use speculative.config",
+    ),
+    (
+        "self.engine == 'vllm' || !has(self.speculative) || !has(self.speculative.config)",
+        "speculative.config holds vLLM speculative_config keys; for llama-server use speculative.draft",
+    ),
+    (
+        "self.engine == 'vllm' || !has(self.multimodal) || "
+        "!(has(self.multimodal.limitPerPrompt) || has(self.multimodal.processorKwargs))",
+        "multimodal.limitPerPrompt and multimodal.processorKwargs are vLLM settings",
+    ),
+    (
+        "self.engine == 'llama-server' || !has(self.multimodal) || "
+        "!(has(self.multimodal.mmproj) || has(self.multimodal.imageMaxTokens))",
+        "multimodal.mmproj and multimodal.imageMaxTokens are llama-server settings",
+    ),
+    (
+        "self.engine != 'llama-server' || has(self.remote) || !('image' in self.modalities) || "
+        "(has(self.multimodal) && has(self.multimodal.mmproj))",
+        "image input on llama-server needs multimodal.mmproj (a projector .gguf, or auto for an hf source)",
+    ),
+    (
+        "!has(self.multimodal) || !has(self.multimodal.mmproj) || 'image' in self.modalities",
+        "multimodal.mmproj is set but modalities does not include image",
+    ),
+    (
+        "!has(self.multimodal) || !has(self.multimodal.mmproj) || self.multimodal.mmproj != 'auto' || "
+        "(has(self.model.source) && !self.model.source.startsWith('pvc://'))",
+        "multimodal.mmproj: auto needs a Hugging Face source; for pvc:// name the projector file",
+    ),
+    (
+        "self.engine == 'vllm' || !has(self.reasoning) || !has(self.reasoning.parser) || "
+        f"self.reasoning.parser in {_LLAMA_REASONING}",
+        "reasoning.parser on llama-server is its --reasoning-format: none, deepseek, deepseek-legacy or auto",
+    ),
+    (
+        "'text' in self.modalities",
+        "modalities must include text",
+    ),
+    (
+        "!has(self.autoscaling) || (self.replicas >= self.autoscaling.minReplicas && "
+        "self.replicas <= self.autoscaling.maxReplicas)",
+        "replicas must lie within autoscaling.minReplicas..maxReplicas",
+    ),
+)
+
+
+class LLMModelSpec(Base):
+    model_config = ConfigDict(json_schema_extra=cel(*SPEC_RULES))
+
+    engine: Engine = Field(
+        default="vllm",
+        json_schema_extra=cel(("self == oldSelf", "engine is immutable: create a new LLMModel instead")),
+    )
+    """Inference engine: `vllm` or `llama-server`."""
+    model: ModelSpec
+    modalities: list[Modality] = Field(
+        default=["text"], min_length=1, max_length=2, json_schema_extra={"x-kubernetes-list-type": "set"}
+    )
+    """Input modalities the model accepts; the gateway refuses image content to text-only models."""
+    quantization: Quantization | None = None
+    kv_cache: KVCache | None = None
+    max_model_len: int | None = Field(default=None, ge=16, le=16 * 1024 * 1024)
+    """Longest sequence, prompt plus output (vLLM `--max-model-len`; llama-server context per slot)."""
+    max_num_seqs: int | None = Field(default=None, ge=1, le=4096)
+    """Sequences processed at once (vLLM `--max-num-seqs`; llama-server slots, `-np`)."""
+    max_num_batched_tokens: int | None = Field(default=None, ge=16, le=16 * 1024 * 1024)
+    """Tokens per scheduler step (vLLM `--max-num-batched-tokens`; llama-server batch `-b`)."""
+    parallelism: Parallelism | None = None
+    speculative: Speculative | None = None
+    multimodal: Multimodal | None = None
+    reasoning: Reasoning | None = None
+    resources: Resources = Field(default_factory=Resources, json_schema_extra={"default": {}})
+    scheduling: Scheduling | None = None
+    replicas: int = Field(default=1, ge=0, le=1000)
+    """Desired replicas (the scale subresource)."""
+    autoscaling: Autoscaling | None = None
+    routing: Routing | None = None
+    remote: Remote | None = None
+    image: str | None = Field(default=None, max_length=512, pattern=r"^[^\s]+$")
+    """Engine image override (default from the operator's configuration)."""
+    extra_args: list[Annotated[str, Field(max_length=4096)]] | None = Field(default=None, max_length=128)
+    """Arguments appended verbatim to the engine command line."""
+    env: list[EnvVar] | None = Field(default=None, max_length=128)
+    """Extra environment variables of the engine container (Kubernetes EnvVar objects)."""
+    pod_template: FreeForm | None = None
+    """A partial PodTemplateSpec merged over the rendered one (maps merge, containers by name)."""
+
+    # Convenience accessors used by the renderer and the estimate.
+    def served_name(self, metadata_name: str) -> str:
+        return self.model.served_name or metadata_name
+
+
+class Condition(Base):
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str | None = None
+    message: str | None = None
+    last_transition_time: str | None = None
+    observed_generation: int | None = None
+
+
+class Estimate(Base):
+    """GPU-memory fit estimate (GiB)."""
+
+    weights_gi_b: float | None = Field(default=None, alias="weightsGiB")
+    kv_cache_gi_b: float | None = Field(default=None, alias="kvCacheGiB")
+    overhead_gi_b: float | None = Field(default=None, alias="overheadGiB")
+    total_gi_b: float | None = Field(default=None, alias="totalGiB")
+    """Sum over all GPUs of one replica."""
+    per_gpu_gi_b: float | None = Field(default=None, alias="perGpuGiB")
+    gpu_memory_gi_b: float | None = Field(default=None, alias="gpuMemoryGiB")
+    """Memory of one GPU."""
+    gpus: int | None = None
+    fits: bool | None = None
+    message: str | None = None
+
+
+class LLMModelStatus(Base):
+    conditions: list[Condition] | None = None
+    observed_generation: int | None = None
+    replicas: int | None = None
+    ready_replicas: int | None = None
+    updated_replicas: int | None = None
+    selector: str | None = None
+    """Label selector of the pods (for the scale subresource)."""
+    served_name: str | None = None
+    endpoint: str | None = None
+    """In-cluster URL of the model's Service."""
+    spec_hash: str | None = None
+    estimate: Estimate | None = None
+
+
+class ObjectMeta(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=contract.MAX_MODEL_NAME_LENGTH)
+    namespace: str | None = None
+    labels: dict[str, str] | None = None
+    annotations: dict[str, str] | None = None
+    uid: str | None = None
+    generation: int | None = None
+
+
+class LLMModel(BaseModel):
+    """An LLM served on the cluster through the kubeinfer gateway."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    api_version: Literal["kubeinfer.io/v1alpha1"] = Field(default=contract.API_VERSION, alias="apiVersion")
+    kind: Literal["LLMModel"] = "LLMModel"
+    metadata: ObjectMeta
+    spec: LLMModelSpec
+    status: LLMModelStatus | None = None
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    @property
+    def namespace(self) -> str:
+        return self.metadata.namespace or "default"
+
+    @property
+    def served_name(self) -> str:
+        return self.spec.served_name(self.metadata.name)
+

@@ -1,0 +1,130 @@
+"""`kubeinfer` command line. Subcommands import lazily so `kubeinfer crd` stays fast."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class CLIError(Exception):
+    """An error for the user: printed as one message, exit status 1, never a traceback."""
+
+
+def _load_documents(path: str) -> list[dict[str, Any]]:
+    if path == "-":
+        text = sys.stdin.read()
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise CLIError(f"{path}: no such file")
+        text = p.read_text()
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as exc:
+        raise CLIError(f"{path}: not valid YAML: {exc}") from None
+    if not docs:
+        raise CLIError(f"{path}: no documents")
+    return docs
+
+
+def _parse_all(path: str) -> list[Any]:
+    from kubeinfer.validation import InvalidModel, parse_model
+
+    models, errors = [], []
+    for i, doc in enumerate(_load_documents(path)):
+        name = doc.get("metadata", {}).get("name", f"document {i + 1}") if isinstance(doc, dict) else i + 1
+        try:
+            models.append(parse_model(doc))
+        except InvalidModel as exc:
+            errors += [f"{path}: {name}: {p}" for p in exc.problems]
+    if errors:
+        raise CLIError("\n".join(errors))
+    return models
+
+
+def cmd_crd(args: argparse.Namespace) -> int:
+    from kubeinfer.crdgen import crd_yaml
+
+    sys.stdout.write(crd_yaml())
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    for path in args.file:
+        for model in _parse_all(path):
+            print(f"{path}: {model.name}: valid ({model.spec.engine}, serves {model.served_name})")
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from kubeinfer.estimate import estimate
+    from kubeinfer.render.config import load_config
+    from kubeinfer.render.manifests import render
+
+    config = load_config(args.config)
+    out: list[str] = []
+    for path in args.file:
+        for model in _parse_all(path):
+            est = estimate(model.spec)
+            out.append(f"# {model.name}: {est.message}\n")
+            out.append(yaml.safe_dump_all(render(model, config), sort_keys=False, width=120))
+            if args.estimate:
+                out.append(
+                    "---\n# estimate\n"
+                    + yaml.safe_dump(est.model_dump(by_alias=True, exclude_none=True), sort_keys=False)
+                )
+            out.append("---\n")
+    sys.stdout.write("".join(out).rstrip("-\n") + "\n")
+    return 0
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from kubeinfer.estimate import estimate
+
+    for path in args.file:
+        for model in _parse_all(path):
+            print(f"{model.name}: {estimate(model.spec).message}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kubeinfer", description="Kubernetes operator and gateway for LLMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("crd", help="print the LLMModel CustomResourceDefinition")
+    p.set_defaults(func=cmd_crd)
+
+    p = sub.add_parser("validate", help="check LLMModel manifests as the apiserver would")
+    p.add_argument("-f", "--file", action="append", required=True, help="manifest file ('-' for stdin)")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("render", help="print the Kubernetes objects a model becomes")
+    p.add_argument("-f", "--file", action="append", required=True, help="manifest file ('-' for stdin)")
+    p.add_argument("--config", help="operator configuration file (images, timeouts)")
+    p.add_argument("--estimate", action="store_true", help="also print the GPU-memory estimate as YAML")
+    p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser("estimate", help="print the GPU-memory fit estimate of models")
+    p.add_argument("-f", "--file", action="append", required=True, help="manifest file ('-' for stdin)")
+    p.set_defaults(func=cmd_estimate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except CLIError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,62 @@
+"""The contract between the operator and the gateway.
+
+Everything the gateway reads off a model pod (labels, annotations, the port) is named here, once.
+The operator writes these keys in the renderer; the gateway's discovery selects and reads by them.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+GROUP: Final = "kubeinfer.io"
+VERSION: Final = "v1alpha1"
+KIND: Final = "LLMModel"
+PLURAL: Final = "llmmodels"
+SINGULAR: Final = "llmmodel"
+SHORT_NAMES: Final = ("llm",)
+API_VERSION: Final = f"{GROUP}/{VERSION}"
+
+# Labels (selectable): on the Deployment, its pod template, the Service and the PDB.
+LABEL_MODEL: Final = f"{GROUP}/model"  # metadata.name of the LLMModel
+LABEL_ENGINE: Final = f"{GROUP}/engine"  # "vllm" | "llama-server"
+LABEL_SPEC_HASH: Final = f"{GROUP}/spec-hash"  # hash of the rendered pod template inputs
+LABEL_COMPONENT: Final = "app.kubernetes.io/component"
+LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
+LABEL_NAME: Final = "app.kubernetes.io/name"
+COMPONENT_MODEL_SERVER: Final = "model-server"
+MANAGED_BY: Final = "kubeinfer"
+
+# Annotations (not selectable; values may hold '/' and ':' that labels forbid).
+ANNOTATION_SERVED_NAME: Final = f"{GROUP}/served-name"
+ANNOTATION_ALIASES: Final = f"{GROUP}/aliases"  # JSON list of strings
+ANNOTATION_MODALITIES: Final = f"{GROUP}/modalities"  # JSON list, e.g. ["text","image"]
+ANNOTATION_PORT: Final = f"{GROUP}/port"
+ANNOTATION_METRICS_PATH: Final = f"{GROUP}/metrics-path"
+
+# Every engine container listens here; the gateway connects to podIP:ENGINE_PORT.
+ENGINE_PORT: Final = 8000
+ENGINE_PORT_NAME: Final = "http"
+METRICS_PATH: Final = "/metrics"
+HEALTH_PATH: Final = "/health"
+
+# Where model files live inside the engine container.
+MODELS_ROOT: Final = "/models"
+PVC_MOUNT_ROOT: Final = f"{MODELS_ROOT}/pvc"
+CACHE_MOUNT: Final = f"{MODELS_ROOT}/cache"
+
+ENGINE_CONTAINER: Final = "engine"
+
+# Children are named "<model>-<suffix>"-free: the Deployment, Service and PDB share the model's
+# name with this prefix, so a model name plus prefix stays within the 63-character DNS label limit.
+CHILD_PREFIX: Final = "llm-"
+MAX_MODEL_NAME_LENGTH: Final = 63 - len(CHILD_PREFIX) - 10  # room for ReplicaSet/pod suffixes
+
+
+def child_name(model_name: str) -> str:
+    """Name of the Deployment, Service and PodDisruptionBudget of a model."""
+    return f"{CHILD_PREFIX}{model_name}"
+
+
+def selector_labels(model_name: str) -> dict[str, str]:
+    """Labels that select every pod of one model (stable across rollouts)."""
+    return {LABEL_MODEL: model_name, LABEL_COMPONENT: COMPONENT_MODEL_SERVER}

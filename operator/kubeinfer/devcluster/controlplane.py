@@ -1,0 +1,746 @@
+"""A real, local Kubernetes control plane for tests: etcd + kube-apiserver (+ controller-manager,
+scheduler and kwok for fake nodes), all as plain processes bound to 127.0.0.1 on free ports.
+
+    with ControlPlane(state_dir) as cp:
+        subprocess.run([cp.bin["kubectl"], "--kubeconfig", cp.kubeconfig, "get", "nodes"])
+
+Binaries come from ``kubeinfer.devcluster.build`` (built once, cached by version). Everything the
+processes write (etcd data, certificates, kubeconfigs, one log file per component under logs/)
+stays in the state dir; a state dir made by us (``state_dir=None``) is removed on stop unless
+``keep_state=True``.
+
+Authentication is a static token file: ``token`` (the admin, group system:masters, written into
+``kubeconfig``), plus one token each for the controller-manager and the scheduler so that they run
+as the users the bootstrap RBAC policy expects. TLS uses a CA generated here; the kubeconfig holds
+that CA, so clients verify the server normally. The CA is also the apiserver's client CA.
+
+kwok runs one fake node (``node_name``) advertising ``nvidia.com/gpu`` and makes pods bound to it
+Running/Ready with an IP from ``pod_cidr``. Those pod IPs, the node's and Service ClusterIPs are
+only data: nothing listens there, and nothing should ever dial them.
+
+CLI (keeps running until Ctrl-C)::
+
+    python -m kubeinfer.devcluster.controlplane [--state-dir DIR] [--no-kwok] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import base64
+import contextlib
+import ctypes
+import datetime as dt
+import ipaddress
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import yaml
+
+from kubeinfer.devcluster import build
+
+SERVICE_CLUSTER_IP_RANGE = "10.96.0.0/16"
+KUBERNETES_SERVICE_IP = "10.96.0.1"  # first IP of the range: the `kubernetes` Service, in the SANs
+DEFAULT_POD_CIDR = "10.244.0.0/16"  # kwok hands out pod IPs from here (fake, never dialled)
+SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
+KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"  # nodes carrying `<this>: fake` are kwok's
+
+
+class ControlPlaneError(RuntimeError):
+    pass
+
+
+@dataclass
+class _Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+    log_file: IO[bytes]
+
+
+def _free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on 127.0.0.1 (all sockets held open until all are picked)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+# --- PKI -------------------------------------------------------------------------------------------
+
+
+def _write_pki(pki: Path) -> None:
+    """CA, apiserver serving cert (signed by the CA) and the service-account signing key pair."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    def pem_key(key: Any) -> bytes:
+        return key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    now = dt.datetime.now(dt.UTC)
+    not_before, not_after = now - dt.timedelta(hours=1), now + dt.timedelta(days=365)
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kubeinfer-devcluster-ca")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    srv_key = ec.generate_private_key(ec.SECP256R1())
+    dns = [
+        "localhost",
+        "kubernetes",
+        "kubernetes.default",
+        "kubernetes.default.svc",
+        "kubernetes.default.svc.cluster.local",
+    ]
+    ips = ["127.0.0.1", KUBERNETES_SERVICE_IP]
+    srv_cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
+        .issuer_name(ca_name)
+        .public_key(srv_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName(d) for d in dns] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+            ),
+            critical=False,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    # Service-account tokens are signed by the apiserver (TokenRequest) and, for legacy token
+    # Secrets, by the controller-manager; both get this key, the apiserver also its public half.
+    sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+    pki.mkdir(parents=True, exist_ok=True)
+    files = {
+        "ca.crt": ca_cert.public_bytes(serialization.Encoding.PEM),
+        "ca.key": pem_key(ca_key),
+        "apiserver.crt": srv_cert.public_bytes(serialization.Encoding.PEM),
+        "apiserver.key": pem_key(srv_key),
+        "sa.key": pem_key(sa_key),
+        "sa.pub": sa_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ),
+    }
+    for name, data in files.items():
+        path = pki / name
+        path.write_bytes(data)
+        if name.endswith(".key"):
+            path.chmod(0o600)
+
+
+# --- Processes -------------------------------------------------------------------------------------
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn so children get SIGTERM if this Python process dies without cleaning up.
+
+    PR_SET_PDEATHSIG fires when the *thread* that forked exits, so it is only used when starting
+    from the main thread (a control plane started from a worker thread would otherwise die with it).
+    """
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+    return preexec
+
+
+class ControlPlane:
+    """Start/stop a local control plane; see the module docstring.
+
+    Attributes set by start(): ``server`` (https URL), ``kubeconfig`` (Path), ``token`` (admin bearer
+    token), ``ca_file`` (Path), ``bin`` ({component: Path}), ``ports`` ({name: port}).
+    """
+
+    def __init__(
+        self,
+        state_dir: str | os.PathLike[str] | None = None,
+        *,
+        binaries: Mapping[str, os.PathLike[str] | str] | None = None,
+        with_controllers: bool = True,
+        with_scheduler: bool = True,
+        with_kwok: bool = True,
+        node_name: str = "kwok-gpu-node",
+        node_gpus: int = 8,
+        node_cpu: str = "32",
+        node_memory: str = "256Gi",
+        pod_cidr: str = DEFAULT_POD_CIDR,
+        keep_state: bool = False,
+        startup_timeout: float = 120.0,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.with_controllers = with_controllers
+        self.with_scheduler = with_scheduler
+        self.with_kwok = with_kwok
+        self.node_name = node_name
+        self.node_gpus = node_gpus
+        self.node_cpu = node_cpu
+        self.node_memory = node_memory
+        self.pod_cidr = pod_cidr
+        self.startup_timeout = startup_timeout
+        self._log = log or (lambda msg: print(f"[kubeinfer controlplane] {msg}", file=sys.stderr, flush=True))
+        self._own_state = state_dir is None
+        self._keep_state = keep_state
+        self.state_dir = (
+            Path(state_dir)
+            if state_dir is not None
+            else Path(tempfile.mkdtemp(prefix="kubeinfer-controlplane-"))
+        )
+        self._binaries = dict(binaries) if binaries is not None else None
+
+        self.bin: dict[str, Path] = {}
+        self.ports: dict[str, int] = {}
+        self.server = ""
+        self.token = ""
+        self.kubeconfig = self.state_dir / "kubeconfig"
+        self.pki_dir = self.state_dir / "pki"
+        self.ca_file = self.pki_dir / "ca.crt"
+        self.log_dir = self.state_dir / "logs"
+        self.startup_seconds: float | None = None
+        self._procs: list[_Proc] = []
+        self._ssl: ssl.SSLContext | None = None
+        self._started = False
+
+    # -- public API ---------------------------------------------------------------------------------
+
+    @property
+    def components(self) -> list[str]:
+        names = ["etcd", "kube-apiserver"]
+        if self.with_controllers:
+            names.append("kube-controller-manager")
+        if self.with_scheduler:
+            names.append("kube-scheduler")
+        if self.with_kwok:
+            names.append("kwok")
+        return names
+
+    def __enter__(self) -> ControlPlane:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> ControlPlane:
+        if self._started:
+            return self
+        t0 = time.monotonic()
+        if self._binaries is None:
+            self.bin = build.ensure_binaries(self.components)
+        else:
+            self.bin = {k: Path(v) for k, v in self._binaries.items()}
+            missing = [c for c in self.components if c not in self.bin]
+            if missing:
+                raise ControlPlaneError(f"no binary given for {missing}")
+        self._started = True
+        atexit.register(self.stop)
+        try:
+            self._prepare()
+            self._start_etcd()
+            self._start_apiserver()
+            if self.with_controllers:
+                self._start_controller_manager()
+            if self.with_scheduler:
+                self._start_scheduler()
+            if self.with_kwok:
+                self._start_kwok()
+            if self.with_controllers:
+                # The ServiceAccount admission plugin rejects pods until the namespace's `default`
+                # ServiceAccount exists; the controller-manager creates it shortly after start.
+                sa_path = "/api/v1/namespaces/default/serviceaccounts/default"
+                self._wait("default ServiceAccount", lambda: self._get(sa_path) is not None)
+        except BaseException:
+            self.stop()
+            raise
+        self.startup_seconds = time.monotonic() - t0
+        self._log(f"ready in {self.startup_seconds:.1f}s: {self.server} (kubeconfig {self.kubeconfig})")
+        return self
+
+    def stop(self) -> None:
+        """Terminate all processes (newest first), then remove a state dir we created."""
+        if not self._started:
+            return
+        self._started = False
+        with contextlib.suppress(Exception):
+            atexit.unregister(self.stop)
+        for proc in reversed(self._procs):
+            self._terminate(proc)
+        self._procs.clear()
+        if self._own_state and not self._keep_state:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    def env(self) -> dict[str, str]:
+        """os.environ plus KUBECONFIG pointing at this control plane (for subprocesses)."""
+        return {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
+
+    def kubectl(
+        self, *args: str, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        """Run the cached kubectl against this control plane."""
+        kubectl = self.bin.get("kubectl") or build.ensure_binaries(["kubectl"])["kubectl"]
+        return subprocess.run(
+            [str(kubectl), "--kubeconfig", str(self.kubeconfig), *args],
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=timeout,
+        )
+
+    def log_path(self, component: str) -> Path:
+        return self.log_dir / f"{component}.log"
+
+    # -- setup --------------------------------------------------------------------------------------
+
+    def _prepare(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(exist_ok=True)
+        _write_pki(self.pki_dir)
+        self._ssl = ssl.create_default_context(cafile=str(self.ca_file))
+
+        ports = _free_ports(6)
+        self.ports = dict(
+            zip(
+                ["etcd-client", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kwok"],
+                ports,
+                strict=True,
+            )
+        )
+        self.server = f"https://127.0.0.1:{self.ports['apiserver']}"
+
+        # Static tokens. Format: token,user,uid,"group1,group2"
+        self.token = secrets.token_hex(24)
+        self._kcm_token = secrets.token_hex(24)
+        self._sched_token = secrets.token_hex(24)
+        tokens = self.pki_dir / "tokens.csv"
+        tokens.write_text(
+            f'{self.token},admin,admin,"system:masters"\n'
+            f"{self._kcm_token},system:kube-controller-manager,system:kube-controller-manager\n"
+            f"{self._sched_token},system:kube-scheduler,system:kube-scheduler\n"
+        )
+        tokens.chmod(0o600)
+        self._write_kubeconfig(self.kubeconfig, "admin", self.token)
+        self._write_kubeconfig(
+            self.state_dir / "controller-manager.kubeconfig",
+            "system:kube-controller-manager",
+            self._kcm_token,
+        )
+        self._write_kubeconfig(
+            self.state_dir / "scheduler.kubeconfig", "system:kube-scheduler", self._sched_token
+        )
+
+    def _write_kubeconfig(self, path: Path, user: str, token: str) -> None:
+        ca_data = base64.b64encode(self.ca_file.read_bytes()).decode()
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {
+                    "name": "kubeinfer-dev",
+                    "cluster": {"server": self.server, "certificate-authority-data": ca_data},
+                }
+            ],
+            "users": [{"name": user, "user": {"token": token}}],
+            "contexts": [{"name": "kubeinfer-dev", "context": {"cluster": "kubeinfer-dev", "user": user}}],
+            "current-context": "kubeinfer-dev",
+        }
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        path.chmod(0o600)
+
+    def _start_etcd(self) -> None:
+        client = f"http://127.0.0.1:{self.ports['etcd-client']}"
+        peer = f"http://127.0.0.1:{self.ports['etcd-peer']}"
+        self._spawn(
+            "etcd",
+            [
+                str(self.bin["etcd"]),
+                "--name=kubeinfer",
+                f"--data-dir={self.state_dir / 'etcd'}",
+                f"--listen-client-urls={client}",
+                f"--advertise-client-urls={client}",
+                f"--listen-peer-urls={peer}",
+                f"--initial-advertise-peer-urls={peer}",
+                f"--initial-cluster=kubeinfer={peer}",
+                "--initial-cluster-state=new",
+                # Throw-away data: skip fsync (the single biggest cost of etcd on a slow disk).
+                "--unsafe-no-fsync",
+                "--log-level=warn",
+            ],
+        )
+        self._wait("etcd", lambda: self._http_ok(f"{client}/health"))
+
+    def _start_apiserver(self) -> None:
+        pki = self.pki_dir
+        self._spawn(
+            "kube-apiserver",
+            [
+                str(self.bin["kube-apiserver"]),
+                f"--etcd-servers=http://127.0.0.1:{self.ports['etcd-client']}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={self.ports['apiserver']}",
+                f"--tls-cert-file={pki / 'apiserver.crt'}",
+                f"--tls-private-key-file={pki / 'apiserver.key'}",
+                f"--client-ca-file={pki / 'ca.crt'}",
+                f"--token-auth-file={pki / 'tokens.csv'}",
+                "--authorization-mode=Node,RBAC",
+                f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
+                f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
+                f"--service-account-key-file={pki / 'sa.pub'}",
+                f"--service-account-signing-key-file={pki / 'sa.key'}",
+                "--allow-privileged=true",
+                # The `kubernetes` Service's endpoint would be 127.0.0.1, which Endpoints validation
+                # rejects (loopback): don't reconcile it instead of logging errors forever.
+                "--endpoint-reconciler-type=none",
+                "--profiling=false",
+                f"--cert-dir={self.state_dir / 'apiserver-certs'}",
+                "--v=1",
+            ],
+        )
+        self._wait("kube-apiserver /readyz", lambda: self._http_ok(f"{self.server}/readyz", api=True))
+
+    def _start_controller_manager(self) -> None:
+        kubeconfig = self.state_dir / "controller-manager.kubeconfig"
+        pki = self.pki_dir
+        port = self.ports["controller-manager"]
+        self._spawn(
+            "kube-controller-manager",
+            [
+                str(self.bin["kube-controller-manager"]),
+                f"--kubeconfig={kubeconfig}",
+                f"--authentication-kubeconfig={kubeconfig}",
+                f"--authorization-kubeconfig={kubeconfig}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={port}",
+                f"--cert-dir={self.state_dir / 'controller-manager-certs'}",
+                "--leader-elect=false",
+                # All default controllers: namespace, garbage collector, deployment/replicaset, job,
+                # serviceaccount(+token), endpoints, node lifecycle (evicts pods from a dead kwok node) ...
+                # The cloud/ipam ones stay off because their flags (--allocate-node-cidrs ...) are unset.
+                "--controllers=*",
+                # Each controller talks to the API as its own ServiceAccount (TokenRequest tokens),
+                # the way a real cluster runs; their RBAC roles come from the bootstrap policy.
+                "--use-service-account-credentials=true",
+                f"--service-account-private-key-file={pki / 'sa.key'}",
+                f"--root-ca-file={pki / 'ca.crt'}",
+                f"--cluster-signing-cert-file={pki / 'ca.crt'}",
+                f"--cluster-signing-key-file={pki / 'ca.key'}",
+                f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
+                "--profiling=false",
+                "--v=1",
+            ],
+        )
+        self._wait(
+            "kube-controller-manager /healthz",
+            lambda: self._http_ok(f"https://127.0.0.1:{port}/healthz", verify=False),
+        )
+
+    def _start_scheduler(self) -> None:
+        kubeconfig = self.state_dir / "scheduler.kubeconfig"
+        port = self.ports["scheduler"]
+        self._spawn(
+            "kube-scheduler",
+            [
+                str(self.bin["kube-scheduler"]),
+                f"--kubeconfig={kubeconfig}",
+                f"--authentication-kubeconfig={kubeconfig}",
+                f"--authorization-kubeconfig={kubeconfig}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={port}",
+                f"--cert-dir={self.state_dir / 'scheduler-certs'}",
+                "--leader-elect=false",
+                "--profiling=false",
+                "--v=1",
+            ],
+        )
+        self._wait(
+            "kube-scheduler /healthz",
+            lambda: self._http_ok(f"https://127.0.0.1:{port}/healthz", verify=False),
+        )
+
+    def _start_kwok(self) -> None:
+        # kwok itself has no built-in behaviour: the Stages (kwokctl's defaults, saved next to the
+        # binary by build.py) say how nodes get Ready and how pods get Running.
+        stages_dir = self.bin["kwok"].parent / "stages"
+        stages = sorted(stages_dir.glob("*.yaml"))
+        if not stages:
+            raise ControlPlaneError(f"no kwok stages in {stages_dir}; rebuild kwok with build.py --force")
+        config = self.state_dir / "kwok.yaml"
+        config.write_text("\n---\n".join(p.read_text().strip() for p in stages) + "\n")
+        self._spawn(
+            "kwok",
+            [
+                str(self.bin["kwok"]),
+                f"--kubeconfig={self.kubeconfig}",
+                f"--config={config}",
+                "--manage-all-nodes=false",
+                f"--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}=fake",
+                # Node heartbeats via Leases (kube-node-lease), so the node lifecycle controller
+                # keeps the node Ready.
+                "--node-lease-duration-seconds=40",
+                f"--cidr={self.pod_cidr}",
+                # No --server-address: kwok's kubelet-like HTTP server (logs/exec) stays off.
+            ],
+        )
+        self._create_node()
+        self._wait(f"node {self.node_name} Ready", self._node_ready)
+
+    def _create_node(self) -> None:
+        resources = {
+            "cpu": self.node_cpu,
+            "memory": self.node_memory,
+            "pods": "110",
+            "ephemeral-storage": "1Ti",
+            "nvidia.com/gpu": str(self.node_gpus),
+        }
+        node = {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {
+                "name": self.node_name,
+                "annotations": {KWOK_NODE_ANNOTATION: "fake", "node.alpha.kubernetes.io/ttl": "0"},
+                "labels": {
+                    "type": "kwok",
+                    "kubernetes.io/hostname": self.node_name,
+                    "kubernetes.io/os": "linux",
+                    "kubernetes.io/arch": "amd64",
+                    "nvidia.com/gpu.present": "true",
+                },
+            },
+            "spec": {},
+            # A Node's status is accepted on create (that is how kubelets register); kwok keeps
+            # capacity/allocatable as given and fills in conditions, nodeInfo and phase.
+            "status": {
+                "capacity": resources,
+                "allocatable": resources,
+                # Loopback, so that whatever the apiserver dials for logs/exec stays on this machine.
+                "addresses": [
+                    {"type": "InternalIP", "address": "127.0.0.1"},
+                    {"type": "Hostname", "address": self.node_name},
+                ],
+            },
+        }
+        self._request("POST", "/api/v1/nodes", node)
+
+    def _node_ready(self) -> bool:
+        node = self._get(f"/api/v1/nodes/{self.node_name}")
+        if node is None:
+            return False
+        ready = any(
+            c.get("type") == "Ready" and c.get("status") == "True"
+            for c in node.get("status", {}).get("conditions", [])
+        )
+        # The node lifecycle controller taints a node that was not (yet) Ready; wait until it
+        # has lifted that, or the scheduler would keep pods off the node for a while.
+        tainted = any(
+            t.get("key", "").startswith("node.kubernetes.io/")
+            for t in node.get("spec", {}).get("taints", []) or []
+        )
+        return ready and not tainted
+
+    # -- plumbing -----------------------------------------------------------------------------------
+
+    def _spawn(self, name: str, args: list[str]) -> None:
+        log_path = self.log_path(name)
+        log_file = open(log_path, "ab")  # noqa: SIM115 - closed in _terminate
+        self._log(f"starting {name}")
+        popen = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd=self.state_dir,
+            # Own process group: a terminal's Ctrl-C reaches only us, and we stop them in order.
+            start_new_session=True,
+            preexec_fn=_die_with_parent(),
+        )
+        self._procs.append(_Proc(name, popen, log_path, log_file))
+
+    def _terminate(self, proc: _Proc, grace: float = 15.0) -> None:
+        p = proc.popen
+        try:
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(timeout=grace)
+                except subprocess.TimeoutExpired:
+                    self._log(f"{proc.name} did not stop in {grace:.0f}s; killing it")
+            # Kill the whole group too, in case the binary left children behind.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=10)
+        finally:
+            proc.log_file.close()
+
+    def _wait(self, what: str, ready: Callable[[], bool], timeout: float | None = None) -> None:
+        timeout = self.startup_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        t0 = time.monotonic()
+        last_error: Exception | None = None
+        while True:
+            for proc in self._procs:
+                if proc.popen.poll() is not None:
+                    raise ControlPlaneError(
+                        f"{proc.name} exited with code {proc.popen.returncode} while waiting for {what}; "
+                        f"last lines of {proc.log_path}:\n{_tail(proc.log_path)}"
+                    )
+            try:
+                if ready():
+                    self._log(f"{what}: ok after {time.monotonic() - t0:.1f}s")
+                    return
+            except (OSError, ValueError, ControlPlaneError) as exc:  # not up yet (refused, 403 ...)
+                last_error = exc
+            if time.monotonic() > deadline:
+                logs = "\n".join(f"--- {p.log_path}:\n{_tail(p.log_path, 15)}" for p in self._procs)
+                raise ControlPlaneError(
+                    f"timed out after {timeout:.0f}s waiting for {what} (last error: {last_error})\n{logs}"
+                )
+            time.sleep(0.25)
+
+    def _http_ok(self, url: str, *, api: bool = False, verify: bool = True) -> bool:
+        req = urllib.request.Request(url)
+        if api:
+            req.add_header("Authorization", f"Bearer {self.token}")
+        ctx = None
+        if url.startswith("https"):
+            if verify:
+                ctx = self._ssl
+            else:  # controller-manager/scheduler serve with self-signed certs of their own
+                ctx = ssl.create_default_context()
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+        try:
+            with urllib.request.urlopen(req, timeout=5, context=ctx) as resp:
+                return resp.status == 200
+        except urllib.error.HTTPError:
+            return False
+
+    def _request(self, method: str, path: str, body: Any = None) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.server + path, data=data, method=method)
+        req.add_header("Authorization", f"Bearer {self.token}")
+        req.add_header("Accept", "application/json")
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=10, context=self._ssl) as resp:
+                return json.loads(resp.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")
+            raise ControlPlaneError(f"{method} {path} -> {exc.code}: {detail}") from exc
+
+    def _get(self, path: str) -> Any:
+        """GET a JSON object; None on 404."""
+        try:
+            return self._request("GET", path)
+        except ControlPlaneError as exc:
+            if isinstance(exc.__cause__, urllib.error.HTTPError) and exc.__cause__.code == 404:
+                return None
+            raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m kubeinfer.devcluster.controlplane",
+        description="Run a local control plane until Ctrl-C.",
+    )
+    parser.add_argument("--state-dir", help="where data, certs, kubeconfig and logs go (default: temp)")
+    parser.add_argument("--no-controllers", action="store_true")
+    parser.add_argument("--no-scheduler", action="store_true")
+    parser.add_argument("--no-kwok", action="store_true")
+    args = parser.parse_args(argv)
+    cp = ControlPlane(
+        args.state_dir,
+        with_controllers=not args.no_controllers,
+        with_scheduler=not args.no_scheduler,
+        with_kwok=not args.no_kwok,
+        keep_state=args.state_dir is not None,
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with cp:
+        print(f"export KUBECONFIG={cp.kubeconfig}", flush=True)
+        try:
+            while not stop.wait(1.0):
+                pass
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
