@@ -20,7 +20,12 @@ FIXTURES = ROOT / "tests" / "fixtures"
 
 
 def manifest(name: str, spec: dict[str, Any]) -> dict[str, Any]:
-    return {"apiVersion": "kubeinfer.io/v1alpha1", "kind": "LLMModel", "metadata": {"name": name}, "spec": spec}
+    return {
+        "apiVersion": "kubeinfer.io/v1alpha1",
+        "kind": "LLMModel",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
 
 
 def load_example(path: Path) -> dict[str, Any]:
@@ -72,7 +77,12 @@ FULL_VLLM: dict[str, Any] = {
         "runtimeClassName": "nvidia",
     },
     "replicas": 2,
-    "autoscaling": {"minReplicas": 1, "maxReplicas": 4, "targetInflightPerReplica": 8, "scaleDownDelay": "5m"},
+    "autoscaling": {
+        "minReplicas": 1,
+        "maxReplicas": 4,
+        "targetInflightPerReplica": 8,
+        "scaleDownDelay": "5m",
+    },
     "routing": {
         "strategy": "prefix-aware",
         "targetInflight": 16,
@@ -110,7 +120,11 @@ FULL_LLAMA: dict[str, Any] = {
         "draft": {"minTokens": 1, "pMin": 0.1, "gpuLayers": -1},
     },
     "multimodal": {"mmproj": "pvc://models/mmproj-f16.gguf", "imageMaxTokens": 512},
-    "reasoning": {"parser": "deepseek", "thinking": "enabled", "chatTemplateKwargs": {"enable_thinking": True}},
+    "reasoning": {
+        "parser": "deepseek",
+        "thinking": "enabled",
+        "chatTemplateKwargs": {"enable_thinking": True},
+    },
     "resources": {"gpus": 2, "gpuMemory": "24Gi"},
     "replicas": 1,
     "extraArgs": ["--threads-http", "4"],
@@ -208,14 +222,30 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         _with(VLLM_MIN, "remote", {"baseURL": "https://api.example.com/v1", "model": "x"}),
         "set exactly one of model.source",
     ),
-    ("s3-source", _with(VLLM_MIN, "model.source", "s3://bucket/model"), "s3:// and gs:// sources are not supported"),
+    (
+        "s3-source",
+        _with(VLLM_MIN, "model.source", "s3://bucket/model"),
+        "s3:// and gs:// sources are not supported",
+    ),
     ("bad-source", _with(VLLM_MIN, "model.source", "ftp://host/model"), "source"),
     ("gguf-on-vllm", _with(VLLM_MIN, "model.source", "org/model-GGUF:Q4_K_M"), "GGUF sources"),
     ("pvc-dir-on-llama", _with(LLAMA_MIN, "model.source", "pvc://models/dir"), "must end in .gguf"),
-    ("gguf-quant-on-vllm", _with(VLLM_MIN, "quantization", {"method": "Q4_K_M"}), "quantization.method must be"),
-    ("vllm-quant-on-llama", _with(LLAMA_MIN, "quantization", {"method": "awq"}), "quantization.method must be"),
+    (
+        "gguf-quant-on-vllm",
+        _with(VLLM_MIN, "quantization", {"method": "Q4_K_M"}),
+        "quantization.method must be",
+    ),
+    (
+        "vllm-quant-on-llama",
+        _with(LLAMA_MIN, "quantization", {"method": "awq"}),
+        "quantization.method must be",
+    ),
     ("unknown-quant", _with(VLLM_MIN, "quantization", {"method": "bitsandbytes4"}), "method"),
-    ("dtype-on-llama", _with(LLAMA_MIN, "quantization", {"dtype": "float16"}), "quantization.dtype is a vLLM"),
+    (
+        "dtype-on-llama",
+        _with(LLAMA_MIN, "quantization", {"dtype": "float16"}),
+        "quantization.dtype is a vLLM",
+    ),
     (
         "quant-mismatch",
         _with(_with(LLAMA_MIN, "quantization", {"method": "Q8_0"}), "model.source", "org/m:Q4_K_M"),
@@ -225,7 +255,11 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("vllm-kv-on-llama", _with(LLAMA_MIN, "kvCache", {"dtype": "fp8"}), "kvCache.dtype must be"),
     ("kv-bytes-on-llama", _with(LLAMA_MIN, "kvCache", {"memoryBytes": 1 << 30}), "kvCache.memoryBytes"),
     ("util-above-one", _with(VLLM_MIN, "kvCache", {"gpuMemoryUtilization": 1.5}), "gpuMemoryUtilization"),
-    ("revision-on-llama", _with(LLAMA_MIN, "model.revision", "main"), "model.revision and model.trustRemoteCode"),
+    (
+        "revision-on-llama",
+        _with(LLAMA_MIN, "model.revision", "main"),
+        "model.revision and model.trustRemoteCode",
+    ),
     (
         "tp-exceeds-gpus",
         _with(_with(VLLM_MIN, "parallelism", {"tensor": 4, "pipeline": 2}), "resources", {"gpus": 4}),
@@ -236,10 +270,22 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         _with(_with(LLAMA_MIN, "parallelism", {"tensor": 2, "pipeline": 2}), "resources", {"gpus": 4}),
         "not both",
     ),
-    ("llama-spec-on-vllm", _with(VLLM_MIN, "speculative", {"method": "draft-simple", "model": "o/d"}), "speculative.method must be"),
+    (
+        "llama-spec-on-vllm",
+        _with(VLLM_MIN, "speculative", {"method": "draft-simple", "model": "o/d"}),
+        "speculative.method must be",
+    ),
     ("vllm-spec-on-llama", _with(LLAMA_MIN, "speculative", {"method": "mtp"}), "speculative.method must be"),
-    ("draft-without-model", _with(VLLM_MIN, "speculative", {"method": "draft_model"}), "set speculative.model"),
-    ("spec-tokens-too-many", _with(VLLM_MIN, "speculative", {"method": "ngram", "numTokens": 64}), "numTokens"),
+    (
+        "draft-without-model",
+        _with(VLLM_MIN, "speculative", {"method": "draft_model"}),
+        "set speculative.model",
+    ),
+    (
+        "spec-tokens-too-many",
+        _with(VLLM_MIN, "speculative", {"method": "ngram", "numTokens": 64}),
+        "numTokens",
+    ),
     (
         "draft-settings-on-vllm",
         _with(VLLM_MIN, "speculative", {"method": "ngram", "draft": {"pMin": 0.5}}),
@@ -250,8 +296,16 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         _with(LLAMA_MIN, "multimodal", {"limitPerPrompt": {"image": 1}}),
         "multimodal.limitPerPrompt and multimodal.processorKwargs are vLLM",
     ),
-    ("mmproj-on-vllm", _with(VLLM_MIN, "multimodal", {"mmproj": "auto"}), "multimodal.mmproj and multimodal.imageMaxTokens"),
-    ("image-llama-without-mmproj", _with(LLAMA_MIN, "modalities", ["text", "image"]), "needs multimodal.mmproj"),
+    (
+        "mmproj-on-vllm",
+        _with(VLLM_MIN, "multimodal", {"mmproj": "auto"}),
+        "multimodal.mmproj and multimodal.imageMaxTokens",
+    ),
+    (
+        "image-llama-without-mmproj",
+        _with(LLAMA_MIN, "modalities", ["text", "image"]),
+        "needs multimodal.mmproj",
+    ),
     ("mmproj-text-only", _with(LLAMA_MIN, "multimodal", {"mmproj": "auto"}), "does not include image"),
     (
         "mmproj-auto-with-pvc",
@@ -296,7 +350,11 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ),
     ("remote-bad-url", {"model": {}, "remote": {"baseURL": "api.example.com", "model": "x"}}, "baseURL"),
     ("bad-parameters", _with(VLLM_MIN, "model.parameters", "seven billion"), "parameters"),
-    ("served-name-in-aliases", _with(_with(VLLM_MIN, "model.servedName", "a"), "model.aliases", ["a"]), "must not repeat"),
+    (
+        "served-name-in-aliases",
+        _with(_with(VLLM_MIN, "model.servedName", "a"), "model.aliases", ["a"]),
+        "must not repeat",
+    ),
     ("max-model-len-too-small", _with(VLLM_MIN, "maxModelLen", 1), "maxModelLen"),
     ("too-many-gpus", _with(VLLM_MIN, "resources", {"gpus": 1000}), "gpus"),
 ]

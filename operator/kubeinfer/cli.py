@@ -53,6 +53,13 @@ def cmd_crd(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_docs(args: argparse.Namespace) -> int:
+    from kubeinfer.docgen import api_reference
+
+    sys.stdout.write(api_reference())
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     for path in args.file:
         for model in _parse_all(path):
@@ -91,12 +98,41 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_operator(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+    import os
+
+    import kopf
+
+    import kubeinfer.operator.handlers  # noqa: F401  (registers the handlers)
+
+    if args.config:
+        os.environ["KUBEINFER_CONFIG"] = args.config
+    if args.refresh_seconds:
+        os.environ["KUBEINFER_REFRESH_SECONDS"] = str(args.refresh_seconds)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s"
+    )
+    namespaces = args.namespace or []
+    liveness = f"http://{args.liveness_host}:{args.liveness_port}/healthz" if args.liveness_port else None
+    asyncio.run(
+        kopf.operator(
+            clusterwide=not namespaces, namespaces=namespaces, standalone=True, liveness_endpoint=liveness
+        )
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kubeinfer", description="Kubernetes operator and gateway for LLMs")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("crd", help="print the LLMModel CustomResourceDefinition")
     p.set_defaults(func=cmd_crd)
+
+    p = sub.add_parser("api-docs", help="print the API reference (Markdown)")
+    p.set_defaults(func=cmd_docs)
 
     p = sub.add_parser("validate", help="check LLMModel manifests as the apiserver would")
     p.add_argument("-f", "--file", action="append", required=True, help="manifest file ('-' for stdin)")
@@ -111,6 +147,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("estimate", help="print the GPU-memory fit estimate of models")
     p.add_argument("-f", "--file", action="append", required=True, help="manifest file ('-' for stdin)")
     p.set_defaults(func=cmd_estimate)
+
+    p = sub.add_parser(
+        "operator", help="run the operator (kopf) against the current kubeconfig or in-cluster"
+    )
+    p.add_argument("--config", help="operator configuration file (images, timeouts)")
+    p.add_argument(
+        "--namespace", action="append", help="watch only this namespace (repeatable); default: all"
+    )
+    p.add_argument("--liveness-port", type=int, default=8080, help="serve /healthz here (0: off)")
+    p.add_argument("--liveness-host", default="0.0.0.0")
+    p.add_argument("--refresh-seconds", type=float, help="period of the status refresh pass (default 60)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=cmd_operator)
     return parser
 
 

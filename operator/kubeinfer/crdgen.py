@@ -18,6 +18,7 @@ from kubeinfer.api.v1alpha1 import QUANTITY_RE, LLMModelSpec, LLMModelStatus
 
 Schema = dict[str, Any]
 
+
 def _resolve(node: Any, defs: dict[str, Any]) -> Any:
     if isinstance(node, list):
         return [_resolve(n, defs) for n in node]
@@ -105,7 +106,7 @@ def _printer_columns() -> list[dict[str, Any]]:
         {"name": "Replicas", "type": "integer", "jsonPath": ".spec.replicas"},
         {"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas"},
         {"name": "Fits", "type": "boolean", "jsonPath": ".status.estimate.fits"},
-        {"name": "Status", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].reason"},
+        {"name": "Status", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].reason'},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ]
 

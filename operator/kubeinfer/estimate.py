@@ -210,7 +210,9 @@ def estimate(spec: LLMModelSpec) -> Estimate:
         limit_text = f"{util:g} x {gpu_mem:.1f} GiB = {budget:.1f} GiB (gpuMemoryUtilization)"
         extra = (
             f"; vLLM grows its KV cache to {kv_total:.1f} GiB, about "
-            f"{int(kv_total * GIB / per_token):,} tokens" if fits else ""
+            f"{int(kv_total * GIB / per_token):,} tokens"
+            if fits
+            else ""
         )
     else:
         budget = gpu_mem

@@ -14,6 +14,8 @@ from functools import cache
 from typing import Any
 
 import celpy
+from celpy.adapter import json_to_cel
+from celpy.evaluation import CELEvalError
 from pydantic import ValidationError
 
 from kubeinfer import crdgen
@@ -102,14 +104,14 @@ def _values_at(obj: Any, path: tuple[str, ...], where: str = "") -> Iterator[tup
 def cel_problems(defaulted: dict[str, Any]) -> list[Problem]:
     """Evaluate the CRD's CEL rules against an already-defaulted manifest (camelCase dict)."""
     problems = []
-    for path, rule, message, program in _compiled_rules():
+    for path, _rule, message, program in _compiled_rules():
         for where, value in _values_at(defaulted, path):
             try:
-                ok = program.evaluate({"self": celpy.json_to_cel(value)})
+                ok = program.evaluate({"self": json_to_cel(value)})
             except Exception as exc:  # a rule that cannot evaluate is a failed rule, as on the apiserver
                 problems.append(Problem(where, f"{message} (rule error: {exc})"))
                 continue
-            if isinstance(ok, celpy.CELEvalError) or not bool(ok):
+            if isinstance(ok, CELEvalError) or not bool(ok):
                 problems.append(Problem(where, message))
     return problems
 

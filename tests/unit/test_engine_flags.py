@@ -66,8 +66,15 @@ def test_matrix_sets_every_field_of_the_api():
     def paths(obj, prefix=""):
         for k, v in obj.items():
             yield prefix + k
-            if isinstance(v, dict) and k not in ("config", "processorKwargs", "chatTemplateKwargs", "limitPerPrompt",
-                                                  "podTemplate", "affinity", "nodeSelector"):
+            if isinstance(v, dict) and k not in (
+                "config",
+                "processorKwargs",
+                "chatTemplateKwargs",
+                "limitPerPrompt",
+                "podTemplate",
+                "affinity",
+                "nodeSelector",
+            ):
                 yield from paths(v, prefix + k + ".")
 
     covered = set()
@@ -113,16 +120,37 @@ def test_vllm_flags_exist_with_valid_choices():
                 assert value in VLLM_ENUMS["quantization_methods"]
             if flag == "--speculative-config":
                 assert json.loads(value)["method"] in VLLM_ENUMS["speculative_methods"]
-            if flag in ("--limit-mm-per-prompt", "--mm-processor-kwargs", "--default-chat-template-kwargs",
-                        "--speculative-config"):
+            if flag in (
+                "--limit-mm-per-prompt",
+                "--mm-processor-kwargs",
+                "--default-chat-template-kwargs",
+                "--speculative-config",
+            ):
                 assert isinstance(json.loads(value), dict)
     # Each typed field reached its flag at least once.
     assert {
-        "--served-model-name", "--host", "--port", "--revision", "--trust-remote-code", "--quantization", "--dtype",
-        "--kv-cache-dtype", "--kv-cache-memory-bytes", "--gpu-memory-utilization", "--enable-prefix-caching",
-        "--no-enable-prefix-caching", "--max-model-len", "--max-num-seqs", "--max-num-batched-tokens",
-        "--tensor-parallel-size", "--pipeline-parallel-size", "--speculative-config", "--limit-mm-per-prompt",
-        "--mm-processor-kwargs", "--reasoning-parser", "--default-chat-template-kwargs",
+        "--served-model-name",
+        "--host",
+        "--port",
+        "--revision",
+        "--trust-remote-code",
+        "--quantization",
+        "--dtype",
+        "--kv-cache-dtype",
+        "--kv-cache-memory-bytes",
+        "--gpu-memory-utilization",
+        "--enable-prefix-caching",
+        "--no-enable-prefix-caching",
+        "--max-model-len",
+        "--max-num-seqs",
+        "--max-num-batched-tokens",
+        "--tensor-parallel-size",
+        "--pipeline-parallel-size",
+        "--speculative-config",
+        "--limit-mm-per-prompt",
+        "--mm-processor-kwargs",
+        "--reasoning-parser",
+        "--default-chat-template-kwargs",
     } <= seen
 
 
@@ -151,26 +179,69 @@ def test_llama_flags_exist_and_are_not_removed():
             if flag == "--split-mode":
                 assert value in ("none", "layer", "row", "tensor")
     assert {
-        "-m", "-hf", "-hff", "--host", "--port", "--alias", "--metrics", "-c", "-np", "-b", "-ngl", "--split-mode",
-        "-ctk", "-ctv", "--cache-prompt", "--no-cache-prompt", "--spec-type", "-md", "-hfd", "--spec-draft-n-max",
-        "--spec-draft-n-min", "--spec-draft-p-min", "-ngld", "--mmproj", "-mmu", "--no-mmproj", "--image-max-tokens",
-        "--reasoning-format", "--reasoning", "--chat-template-kwargs",
+        "-m",
+        "-hf",
+        "-hff",
+        "--host",
+        "--port",
+        "--alias",
+        "--metrics",
+        "-c",
+        "-np",
+        "-b",
+        "-ngl",
+        "--split-mode",
+        "-ctk",
+        "-ctv",
+        "--cache-prompt",
+        "--no-cache-prompt",
+        "--spec-type",
+        "-md",
+        "-hfd",
+        "--spec-draft-n-max",
+        "--spec-draft-n-min",
+        "--spec-draft-p-min",
+        "-ngld",
+        "--mmproj",
+        "-mmu",
+        "--no-mmproj",
+        "--image-max-tokens",
+        "--reasoning-format",
+        "--reasoning",
+        "--chat-template-kwargs",
     } <= seen
 
 
 def test_llama_context_is_per_slot():
-    model = parse_model(manifest("m", {"engine": "llama-server", "model": {"source": "o/m:Q8_0"},
-                                       "maxModelLen": 2048, "maxNumSeqs": 4}))
+    model = parse_model(
+        manifest(
+            "m",
+            {"engine": "llama-server", "model": {"source": "o/m:Q8_0"}, "maxModelLen": 2048, "maxNumSeqs": 4},
+        )
+    )
     args = llama_server_args(model)
     assert args[args.index("-c") + 1] == "8192"
     assert args[args.index("-np") + 1] == "4"
 
 
-@pytest.mark.parametrize("spec_type,flag", [("ngram-mod", "--spec-ngram-mod-n-max"),
-                                            ("ngram-simple", "--spec-ngram-simple-size-m"),
-                                            ("draft-mtp", "--spec-draft-n-max")])
+@pytest.mark.parametrize(
+    "spec_type,flag",
+    [
+        ("ngram-mod", "--spec-ngram-mod-n-max"),
+        ("ngram-simple", "--spec-ngram-simple-size-m"),
+        ("draft-mtp", "--spec-draft-n-max"),
+    ],
+)
 def test_llama_speculative_length_flag_per_type(spec_type, flag):
-    model = parse_model(manifest("m", {"engine": "llama-server", "model": {"source": "o/m:Q8_0"},
-                                       "speculative": {"method": spec_type, "numTokens": 3}}))
+    model = parse_model(
+        manifest(
+            "m",
+            {
+                "engine": "llama-server",
+                "model": {"source": "o/m:Q8_0"},
+                "speculative": {"method": spec_type, "numTokens": 3},
+            },
+        )
+    )
     args = llama_server_args(model)
     assert args[args.index(flag) + 1] == "3"

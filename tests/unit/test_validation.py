@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 
 from kubeinfer.validation import InvalidModel, parse_model
-from tests.cases import EXAMPLES, FULL_LLAMA, FULL_VLLM, INVALID, llama_matrix, load_example, manifest, vllm_matrix
+from tests.cases import (
+    EXAMPLES,
+    FULL_LLAMA,
+    FULL_VLLM,
+    INVALID,
+    llama_matrix,
+    load_example,
+    manifest,
+    vllm_matrix,
+)
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
@@ -16,8 +25,15 @@ def test_examples_are_valid(path):
 
 def test_examples_cover_the_seed_configurations():
     names = {p.stem for p in EXAMPLES}
-    assert {"molmo-7b-vllm-4bit", "gemma3-12b-llama-server", "qwen2.5-vl-3b-vllm", "gemma4-26b-mtp-vllm",
-            "llama-3.1-8b-awq", "remote-openai", "tiny-gguf-cpu"} <= names
+    assert {
+        "molmo-7b-vllm-4bit",
+        "gemma3-12b-llama-server",
+        "qwen2.5-vl-3b-vllm",
+        "gemma4-26b-mtp-vllm",
+        "llama-3.1-8b-awq",
+        "remote-openai",
+        "tiny-gguf-cpu",
+    } <= names
 
 
 @pytest.mark.parametrize("spec", vllm_matrix() + llama_matrix())
@@ -39,7 +55,7 @@ def test_at_least_25_invalid_cases():
 
 def test_unknown_field_is_refused():
     spec = dict(FULL_VLLM, maxModelLength=4096)
-    with pytest.raises(InvalidModel, match=r"spec.maxModelLength: unknown field"):
+    with pytest.raises(InvalidModel, match=r"spec\.maxModelLength: unknown field"):
         parse_model(manifest("bad", spec))
 
 
@@ -62,11 +78,13 @@ def test_defaults_match_the_documented_ones():
 
 
 def test_long_names_are_refused():
-    with pytest.raises(InvalidModel, match="metadata.name"):
+    with pytest.raises(InvalidModel, match=r"metadata\.name"):
         parse_model(manifest("x" * 60, {"model": {"source": "hf://org/m"}}))
 
 
 def test_quantities_accept_numbers_and_strings():
-    m = parse_model(manifest("q", {"model": {"source": "hf://o/m"}, "resources": {"cpu": 4, "memory": "8Gi"}}))
+    m = parse_model(
+        manifest("q", {"model": {"source": "hf://o/m"}, "resources": {"cpu": 4, "memory": "8Gi"}})
+    )
     assert m.spec.resources.cpu == "4"
     assert m.spec.resources.memory == "8Gi"

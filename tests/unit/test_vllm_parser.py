@@ -29,8 +29,11 @@ def vllm_parser():
 
 def _models():
     specs = [manifest(f"m{i}", s) for i, s in enumerate(vllm_matrix())]
-    specs += [load_example(p) for p in EXAMPLES if load_example(p)["spec"].get("engine", "vllm") == "vllm"
-              and "remote" not in load_example(p)["spec"]]
+    specs += [
+        load_example(p)
+        for p in EXAMPLES
+        if load_example(p)["spec"].get("engine", "vllm") == "vllm" and "remote" not in load_example(p)["spec"]
+    ]
     return [parse_model(s) for s in specs]
 
 
@@ -69,9 +72,16 @@ def test_parser_refuses_a_bad_value(vllm_parser):
 
 
 def test_json_flags_round_trip(vllm_parser):
-    model = parse_model(manifest("j", {"model": {"source": "hf://o/m"},
-                                       "speculative": {"method": "mtp", "numTokens": 2, "config": {"moe_backend": "triton"}},
-                                       "reasoning": {"thinking": "disabled", "chatTemplateKwargs": {"a": 1}}}))
+    model = parse_model(
+        manifest(
+            "j",
+            {
+                "model": {"source": "hf://o/m"},
+                "speculative": {"method": "mtp", "numTokens": 2, "config": {"moe_backend": "triton"}},
+                "reasoning": {"thinking": "disabled", "chatTemplateKwargs": {"a": 1}},
+            },
+        )
+    )
     ns = vllm_parser.parse_args(vllm_args(model))
     assert ns.speculative_config == {"method": "mtp", "num_speculative_tokens": 2, "moe_backend": "triton"}
     assert ns.default_chat_template_kwargs == {"a": 1, "enable_thinking": False}

@@ -10,9 +10,8 @@ Fields use Kubernetes camelCase on the wire and snake_case in Python.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
-
 import re
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic.alias_generators import to_camel
@@ -115,6 +114,8 @@ class Architecture(Base):
 
 
 class ModelSpec(Base):
+    """What to serve and the names clients use for it."""
+
     model_config = ConfigDict(
         json_schema_extra=cel(
             (
@@ -156,6 +157,8 @@ class ModelSpec(Base):
 
 
 class Quantization(Base):
+    """Weight quantization and dtype."""
+
     method: Literal[enums.VLLM_QUANTIZATION_METHODS + enums.GGUF_TYPES] | None = None  # type: ignore[valid-type]
     """Weight quantization. vLLM: one of its `--quantization` methods (awq, gptq, fp8, ...);
     llama-server: the GGUF type (Q4_K_M, Q5_K_S, Q8_0, ...), which picks the file of a Hugging Face
@@ -167,6 +170,8 @@ class Quantization(Base):
 
 
 class KVCache(Base):
+    """KV-cache type and size."""
+
     dtype: Literal[enums.VLLM_KV_CACHE_DTYPES + enums.LLAMA_KV_CACHE_TYPES] | None = None  # type: ignore[valid-type]
     """KV-cache data type: vLLM `--kv-cache-dtype` (auto, fp8, ...) or llama-server `-ctk/-ctv`
     (f16, q8_0, ...)."""
@@ -181,6 +186,8 @@ class KVCache(Base):
 
 
 class Parallelism(Base):
+    """How one replica is split over its GPUs."""
+
     tensor: int = Field(default=1, ge=1, le=64)
     """Tensor-parallel degree (vLLM `-tp`; llama-server splits rows across GPUs)."""
     pipeline: int = Field(default=1, ge=1, le=64)
@@ -199,6 +206,8 @@ class DraftSettings(Base):
 
 
 class Speculative(Base):
+    """Speculative decoding (draft models, MTP heads, n-grams)."""
+
     method: Literal[enums.VLLM_SPECULATIVE_METHODS + enums.LLAMA_SPEC_TYPES]  # type: ignore[valid-type]
     """vLLM: a speculative method (mtp, draft_model, ngram, eagle3, ...); llama-server: a `--spec-type`
     (draft-simple, draft-mtp, ngram-mod, ...)."""
@@ -212,6 +221,8 @@ class Speculative(Base):
 
 
 class Multimodal(Base):
+    """Limits and processors for image input."""
+
     limit_per_prompt: dict[str, Annotated[int, Field(ge=0, le=256)]] | None = Field(
         default=None, max_length=8
     )
@@ -226,6 +237,8 @@ class Multimodal(Base):
 
 
 class Reasoning(Base):
+    """Reasoning (thinking) output and chat-template defaults."""
+
     parser: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[\w.-]+$")
     """vLLM `--reasoning-parser` (qwen3, deepseek_r1, ...); llama-server `--reasoning-format`
     (none, deepseek, deepseek-legacy, auto)."""
@@ -238,9 +251,14 @@ class Reasoning(Base):
 
 
 class Resources(Base):
+    """Compute resources of one replica, and the GPU the fit estimate checks against."""
+
     model_config = ConfigDict(
         json_schema_extra=cel(
-            ("!has(self.gpuType) || !has(self.gpuMemory)", "set resources.gpuType or resources.gpuMemory, not both"),
+            (
+                "!has(self.gpuType) || !has(self.gpuMemory)",
+                "set resources.gpuType or resources.gpuMemory, not both",
+            ),
         )
     )
 
@@ -264,6 +282,8 @@ class Resources(Base):
 
 
 class Scheduling(Base):
+    """Where replicas may run (copied into the pod spec)."""
+
     node_selector: dict[str, str] | None = None
     tolerations: list[FreeForm] | None = Field(default=None, max_length=64)
     affinity: FreeForm | None = None
@@ -272,6 +292,8 @@ class Scheduling(Base):
 
 
 class Autoscaling(Base):
+    """Replica bounds and target load for the autoscaler."""
+
     model_config = ConfigDict(
         json_schema_extra=cel(
             ("self.minReplicas <= self.maxReplicas", "autoscaling.minReplicas must not exceed maxReplicas"),
@@ -288,6 +310,8 @@ class Autoscaling(Base):
 
 
 class Routing(Base):
+    """How the gateway spreads and queues this model's requests."""
+
     strategy: RoutingStrategy = "least-load"
     """How the gateway picks a replica."""
     target_inflight: int | None = Field(default=None, ge=1, le=10000)
@@ -301,6 +325,8 @@ class Routing(Base):
 
 
 class Remote(Base):
+    """An existing OpenAI-compatible endpoint served through the gateway (no pods)."""
+
     base_url: str = Field(alias="baseURL", max_length=2048, pattern=r"^https?://[^\s]+$")
     """Base URL of an OpenAI-compatible API, e.g. https://api.example.com/v1."""
     model: str = Field(min_length=1, max_length=256)
@@ -310,6 +336,8 @@ class Remote(Base):
 
 
 class EnvVar(Base):
+    """A Kubernetes EnvVar (value or valueFrom)."""
+
     model_config = ConfigDict(extra="allow", json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
 
     name: str = Field(min_length=1, max_length=256, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
@@ -387,8 +415,7 @@ SPEC_RULES: tuple[tuple[str, str], ...] = (
         "llama-server splits a model either by rows (tensor) or by layers (pipeline), not both",
     ),
     (
-        "!has(self.speculative) || "
-        f"((self.engine == 'vllm') == (self.speculative.method in {_VLLM_SPEC}))",
+        f"!has(self.speculative) || ((self.engine == 'vllm') == (self.speculative.method in {_VLLM_SPEC}))",
         "speculative.method must be a vLLM method (mtp, draft_model, ngram, eagle3, ...) with engine "
         "vllm, and a llama-server --spec-type (draft-simple, draft-mtp, ngram-mod, ...) with llama-server",
     ),
@@ -553,7 +580,7 @@ class LLMModel(BaseModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    api_version: Literal["kubeinfer.io/v1alpha1"] = Field(default=contract.API_VERSION, alias="apiVersion")
+    api_version: Literal["kubeinfer.io/v1alpha1"] = Field(default="kubeinfer.io/v1alpha1", alias="apiVersion")
     kind: Literal["LLMModel"] = "LLMModel"
     metadata: ObjectMeta
     spec: LLMModelSpec
@@ -570,4 +597,3 @@ class LLMModel(BaseModel):
     @property
     def served_name(self) -> str:
         return self.spec.served_name(self.metadata.name)
-

@@ -467,7 +467,6 @@ class ControlPlane:
                 # rejects (loopback): don't reconcile it instead of logging errors forever.
                 "--endpoint-reconciler-type=none",
                 "--profiling=false",
-                f"--cert-dir={self.state_dir / 'apiserver-certs'}",
                 "--v=1",
             ],
         )
@@ -634,15 +633,15 @@ class ControlPlane:
         p = proc.popen
         try:
             if p.poll() is None:
-                p.terminate()
+                p.terminate()  # SIGTERM: etcd and the kube-* binaries shut down gracefully on it
                 try:
                     p.wait(timeout=grace)
                 except subprocess.TimeoutExpired:
                     self._log(f"{proc.name} did not stop in {grace:.0f}s; killing it")
-            # Kill the whole group too, in case the binary left children behind.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(p.pid, signal.SIGKILL)
-            p.wait(timeout=10)
+                    # The process leads its own group (start_new_session): kill all of it.
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(p.pid, signal.SIGKILL)
+                    p.wait(timeout=10)
         finally:
             proc.log_file.close()
 

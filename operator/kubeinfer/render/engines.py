@@ -125,7 +125,9 @@ def vllm_args(model: LLMModel) -> list[str]:
     return args + list(spec.extra_args or [])
 
 
-def _llama_model_args(source: Source, quant: str | None, flag_m: str, flag_hf: str, flag_hff: str) -> list[str]:
+def _llama_model_args(
+    source: Source, quant: str | None, flag_m: str, flag_hf: str, flag_hff: str
+) -> list[str]:
     if source.kind == "pvc":
         return [flag_m, source.local_path]
     if source.file:

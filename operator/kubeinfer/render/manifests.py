@@ -85,9 +85,7 @@ def _env(model: LLMModel) -> list[dict[str, Any]]:
         env += [{"name": "LLAMA_CACHE", "value": f"{contract.CACHE_MOUNT}/llama.cpp"}]
     ref = spec.model.token_secret_ref
     if ref:
-        env.append(
-            {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
-        )
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
     for var in spec.env or []:
         env.append(var.model_dump(by_alias=True, exclude_none=True))
     return env
@@ -147,7 +145,7 @@ def _probe(path: str, period: int, failures: int, timeout: int = 5) -> dict[str,
 
 def _container(model: LLMModel, config: RenderConfig) -> dict[str, Any]:
     spec = model.spec
-    mounts = [
+    mounts: list[dict[str, Any]] = [
         {"name": "dshm", "mountPath": "/dev/shm"},
         {"name": "model-cache", "mountPath": contract.CACHE_MOUNT},
     ]
@@ -162,7 +160,9 @@ def _container(model: LLMModel, config: RenderConfig) -> dict[str, Any]:
         "imagePullPolicy": config.image_pull_policy,
         "command": engine_command(model),
         "args": engine_args(model),
-        "ports": [{"name": contract.ENGINE_PORT_NAME, "containerPort": contract.ENGINE_PORT, "protocol": "TCP"}],
+        "ports": [
+            {"name": contract.ENGINE_PORT_NAME, "containerPort": contract.ENGINE_PORT, "protocol": "TCP"}
+        ],
         "env": _env(model),
         "resources": _resources(model),
         "volumeMounts": mounts,
@@ -189,7 +189,9 @@ def _pod_spec(model: LLMModel, config: RenderConfig) -> dict[str, Any]:
         {"name": "model-cache", "emptyDir": {"sizeLimit": config.model_cache_size_limit}},
     ]
     for claim in _pvc_claims(model):
-        volumes.append({"name": f"pvc-{claim}", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
+        volumes.append(
+            {"name": f"pvc-{claim}", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+        )
     pod: dict[str, Any] = {
         "containers": [_container(model, config)],
         "volumes": volumes,

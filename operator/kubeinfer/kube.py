@@ -1,0 +1,135 @@
+"""Every Kubernetes API call kubeinfer makes, in one place (kubernetes_asyncio).
+
+The rest of the code passes plain dicts in and gets plain dicts back, so the reconcile logic stays
+testable without a cluster and the client library could be swapped here alone.
+
+Children are written with server-side apply under one field manager: the apiserver merges only the
+fields we set, a no-op apply writes nothing (so watching our own children cannot loop), and
+`force=True` takes fields back from anyone who edited them, which is how drift is repaired.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from kubernetes_asyncio import client, config
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from kubeinfer import contract
+
+FIELD_MANAGER = "kubeinfer-operator"
+APPLY = "application/apply-patch+yaml"
+
+
+async def load_client_config(kubeconfig: str | None = None) -> client.Configuration:
+    """In-cluster config inside a pod, else the kubeconfig (KUBECONFIG or the given path)."""
+    cfg = client.Configuration()
+    try:
+        config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+    except config.ConfigException:
+        await config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+    return cfg
+
+
+@contextlib.asynccontextmanager
+async def api_client(cfg: client.Configuration | None = None) -> AsyncIterator[client.ApiClient]:
+    async with client.ApiClient(configuration=cfg or await load_client_config()) as api:
+        yield api
+
+
+def _plain(api: client.ApiClient, obj: Any) -> dict[str, Any]:
+    if obj is None:
+        return {}
+    if isinstance(obj, dict):
+        return obj
+    result: dict[str, Any] = api.sanitize_for_serialization(obj)
+    return result
+
+
+async def apply(api: client.ApiClient, obj: dict[str, Any]) -> dict[str, Any]:
+    """Server-side apply one namespaced child (Deployment, Service or PodDisruptionBudget)."""
+    name, ns, kind = obj["metadata"]["name"], obj["metadata"]["namespace"], obj["kind"]
+    kw: dict[str, Any] = {"field_manager": FIELD_MANAGER, "force": True, "_content_type": APPLY}
+    out: Any
+    if kind == "Deployment":
+        out = await client.AppsV1Api(api).patch_namespaced_deployment(name, ns, obj, **kw)
+    elif kind == "Service":
+        out = await client.CoreV1Api(api).patch_namespaced_service(name, ns, obj, **kw)
+    elif kind == "PodDisruptionBudget":
+        out = await client.PolicyV1Api(api).patch_namespaced_pod_disruption_budget(name, ns, obj, **kw)
+    else:
+        raise ValueError(f"kubeinfer does not apply {kind}")
+    return _plain(api, out)
+
+
+async def delete_children(
+    api: client.ApiClient, namespace: str, name: str, kinds: tuple[str, ...]
+) -> list[str]:
+    """Delete the named children of the given kinds if they exist; returns the kinds deleted."""
+    deleted = []
+    calls = {
+        "Deployment": client.AppsV1Api(api).delete_namespaced_deployment,
+        "Service": client.CoreV1Api(api).delete_namespaced_service,
+        "PodDisruptionBudget": client.PolicyV1Api(api).delete_namespaced_pod_disruption_budget,
+    }
+    for kind in kinds:
+        try:
+            await calls[kind](name, namespace, propagation_policy="Background")
+            deleted.append(kind)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+    return deleted
+
+
+async def get_deployment(api: client.ApiClient, namespace: str, name: str) -> dict[str, Any] | None:
+    try:
+        return _plain(api, await client.AppsV1Api(api).read_namespaced_deployment(name, namespace))
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+async def list_model_pods(api: client.ApiClient, namespace: str, model: str) -> list[dict[str, Any]]:
+    selector = ",".join(f"{k}={v}" for k, v in contract.selector_labels(model).items())
+    pods = await client.CoreV1Api(api).list_namespaced_pod(namespace, label_selector=selector)
+    return [_plain(api, p) for p in pods.items]
+
+
+async def secret_exists(api: client.ApiClient, namespace: str, name: str, key: str | None = None) -> bool:
+    try:
+        secret = await client.CoreV1Api(api).read_namespaced_secret(name, namespace)
+    except ApiException as exc:
+        if exc.status == 404:
+            return False
+        raise
+    return key is None or key in (secret.data or {}) or key in (secret.string_data or {})
+
+
+async def get_model(api: client.ApiClient, namespace: str, name: str) -> dict[str, Any] | None:
+    try:
+        obj = await client.CustomObjectsApi(api).get_namespaced_custom_object(
+            contract.GROUP, contract.VERSION, namespace, contract.PLURAL, name
+        )
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return dict(obj)
+
+
+async def patch_model_status(
+    api: client.ApiClient, namespace: str, name: str, status: dict[str, Any]
+) -> None:
+    await client.CustomObjectsApi(api).patch_namespaced_custom_object_status(
+        # A dict body is sent as a JSON merge patch: keys set to None are removed.
+        contract.GROUP,
+        contract.VERSION,
+        namespace,
+        contract.PLURAL,
+        name,
+        {"status": status},
+    )

@@ -1,0 +1,97 @@
+"""kopf wiring: which events trigger a reconcile. Thin on purpose; the work is in reconcile.py.
+
+Choices for a real cluster:
+* one operator replica (the chart uses `strategy: Recreate`) running standalone, without kopf's
+  peering: simpler RBAC and no peering CRD; a crashed operator is restarted by its Deployment and
+  resumes every model (`on.resume`), and models keep serving meanwhile;
+* no finalizers: children carry ownerReferences, so the garbage collector deletes them, and deleting a
+  model never blocks on the operator being up;
+* kopf's bookkeeping lives in `kubeinfer.io/` annotations, never in `status` (the CRD declares every
+  status field, and the apiserver would prune kopf's).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import kopf
+
+from kubeinfer import contract, kube
+from kubeinfer.operator.reconcile import Locks, Result, reconcile
+from kubeinfer.render.config import load_config
+
+MODEL = (contract.GROUP, contract.VERSION, contract.PLURAL)
+REFRESH_SECONDS = float(os.environ.get("KUBEINFER_REFRESH_SECONDS", "60"))
+
+_WARNING = {("ResourcesFit", "False"), ("Degraded", "True"), ("Ready", "False")}
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    settings.persistence.finalizer = f"{contract.GROUP}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=contract.GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=contract.GROUP, key="last-handled-configuration"
+    )
+    settings.posting.level = logging.INFO
+    settings.watching.server_timeout = 300
+    settings.batching.worker_limit = 64
+    memo.config = load_config(os.environ.get("KUBEINFER_CONFIG") or None)
+    memo.api_cm = kube.api_client()
+    memo.api = await memo.api_cm.__aenter__()
+    memo.locks = Locks()
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    await memo.api_cm.__aexit__(None, None, None)
+
+
+def _emit(body: Any, result: Result) -> None:
+    for type_, reason, message in result.transitions:
+        status = next((c["status"] for c in result.status.get("conditions", []) if c["type"] == type_), "")
+        kind = "Warning" if (type_, status) in _WARNING else "Normal"
+        kopf.event(body, type=kind, reason=reason, message=f"{type_}={status}: {message}"[:1024])
+
+
+async def _run(body: Any, memo: kopf.Memo) -> Result:
+    meta = body["metadata"]
+    async with memo.locks.get(meta["namespace"], meta["name"]):
+        result: Result = await reconcile(memo.api, dict(body), memo.config)
+    _emit(body, result)
+    return result
+
+
+@kopf.on.resume(*MODEL)
+@kopf.on.create(*MODEL)
+@kopf.on.update(*MODEL)
+async def model_changed(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+    result = await _run(body, memo)
+    logger.info("reconciled: applied %s", ", ".join(result.applied) or "nothing")
+
+
+@kopf.timer(*MODEL, interval=REFRESH_SECONDS, initial_delay=REFRESH_SECONDS)
+async def refresh(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Periodic pass: notices what no watched object announces (crash loops, a remote key Secret)."""
+    await _run(body, memo)
+
+
+@kopf.on.delete(*MODEL, optional=True)
+async def model_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    # optional=True: no finalizer; this only drops the lock. The garbage collector removes children.
+    memo.locks.forget(body["metadata"]["namespace"], body["metadata"]["name"])
+
+
+@kopf.on.event("apps", "v1", "deployments", labels={contract.LABEL_MANAGED_BY: contract.MANAGED_BY})
+async def child_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """A Deployment of ours changed (rollout progress, drift, deletion): reconcile its model."""
+    owner = (body.get("metadata", {}).get("labels") or {}).get(contract.LABEL_MODEL)
+    ns = body.get("metadata", {}).get("namespace")
+    if not owner or not ns:
+        return
+    model = await kube.get_model(memo.api, ns, owner)
+    if model is None or model.get("metadata", {}).get("deletionTimestamp"):
+        return
+    await _run(model, memo)

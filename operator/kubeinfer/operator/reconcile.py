@@ -1,0 +1,112 @@
+"""One reconcile pass for one LLMModel: render, apply, observe, write status.
+
+Called by every trigger (model created/changed/resumed, a child changed, the periodic refresh); it is
+idempotent, so it does not matter which trigger ran it or how often. Passes for the same model are
+serialized by a per-model lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes_asyncio import client
+from pydantic import ValidationError
+
+from kubeinfer import contract, kube
+from kubeinfer.api.v1alpha1 import LLMModel
+from kubeinfer.estimate import estimate
+from kubeinfer.operator.status import Observed, compute_status, status_changed, transitions
+from kubeinfer.render.config import RenderConfig
+from kubeinfer.render.manifests import render, spec_hash
+
+ALL_CHILDREN = ("Deployment", "Service", "PodDisruptionBudget")
+
+
+@dataclass
+class Result:
+    status: dict[str, Any]
+    transitions: list[tuple[str, str, str]]
+    applied: list[str]
+
+
+class Locks:
+    """Per-model asyncio locks, so two triggers never reconcile one model at once."""
+
+    def __init__(self) -> None:
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+
+    def get(self, namespace: str, name: str) -> asyncio.Lock:
+        return self._locks.setdefault((namespace, name), asyncio.Lock())
+
+    def forget(self, namespace: str, name: str) -> None:
+        self._locks.pop((namespace, name), None)
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_body(body: dict[str, Any]) -> LLMModel:
+    """The typed model from a watched object (status and server-managed metadata left out)."""
+    meta = body.get("metadata") or {}
+    return LLMModel.model_validate(
+        {
+            "apiVersion": body.get("apiVersion", contract.API_VERSION),
+            "kind": contract.KIND,
+            "metadata": {
+                "name": meta["name"],
+                "namespace": meta.get("namespace"),
+                "uid": meta.get("uid"),
+                "generation": meta.get("generation"),
+            },
+            "spec": body.get("spec") or {},
+        }
+    )
+
+
+async def reconcile(api: client.ApiClient, body: dict[str, Any], config: RenderConfig) -> Result:
+    previous = dict(body.get("status") or {})
+    meta = body["metadata"]
+    ns, name = meta["namespace"], meta["name"]
+    child = contract.child_name(name)
+    try:
+        model = parse_body(body)
+    except ValidationError as exc:
+        # The CRD schema should have refused this; say so rather than crash-looping the handler.
+        status = {
+            "observedGeneration": meta.get("generation"),
+            "conditions": [
+                {"type": "Ready", "status": "False", "reason": "InvalidSpec", "message": str(exc)[:1000],
+                 "lastTransitionTime": now_iso()},
+            ],
+        }  # fmt: skip
+        await kube.patch_model_status(api, ns, name, status)
+        return Result(status, [("Ready", "InvalidSpec", str(exc)[:1000])], [])
+
+    est = estimate(model.spec)
+    applied: list[str] = []
+    if model.spec.remote is not None:
+        # A model switched from pods to remote keeps no pods.
+        await kube.delete_children(api, ns, child, ALL_CHILDREN)
+        ref = model.spec.remote.api_key_secret_ref
+        ok = await kube.secret_exists(api, ns, ref.name, ref.key) if ref else True
+        observed = Observed(remote_secret_ok=ok)
+    else:
+        fits = est.fits is not False or model.spec.resources.skip_fit_check
+        if fits:
+            for obj in render(model, config):
+                await kube.apply(api, obj)
+                applied.append(obj["kind"])
+            if "PodDisruptionBudget" not in applied:
+                await kube.delete_children(api, ns, child, ("PodDisruptionBudget",))
+        deployment = await kube.get_deployment(api, ns, child)
+        pods = await kube.list_model_pods(api, ns, name)
+        observed = Observed(deployment=deployment, pods=pods, applied=fits, spec_hash=spec_hash(model))
+
+    status = compute_status(model, est, observed, previous, now_iso())
+    if status_changed(previous, status):
+        await kube.patch_model_status(api, ns, name, status)
+    return Result(status, transitions(previous, status), applied)

@@ -1,0 +1,196 @@
+"""LLMModel status from what the cluster shows: a pure function, tested without a cluster.
+
+Conditions:
+* ResourcesFit: the GPU-memory estimate (True, False, or Unknown when it cannot be judged).
+* Ready: at least one replica can serve (old or new version) - the gateway can route to it.
+* Progressing: a rollout or scale is under way (True), finished (False, reason Complete), or
+  blocked because the spec does not fit (False, reason ResourcesDoNotFit).
+* Degraded: something needs a person: pods crash-looping, images not pulling, unschedulable pods,
+  a rollout past its deadline, or a remote model whose key Secret is missing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubeinfer import contract
+from kubeinfer.api.v1alpha1 import Estimate, LLMModel
+from kubeinfer.render.manifests import endpoint
+
+# Container waiting reasons that will not resolve on their own.
+_STUCK_REASONS = {
+    "CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CreateContainerConfigError",
+    "CreateContainerError", "RunContainerError",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What the reconciler saw: the Deployment (or None), the model's pods, remote key presence."""
+
+    deployment: dict[str, Any] | None = None
+    pods: list[dict[str, Any]] = field(default_factory=list)
+    remote_secret_ok: bool | None = None
+    applied: bool = True  # False when the spec was held back (does not fit)
+    spec_hash: str | None = None
+
+
+def _cond(type_: str, status: str, reason: str, message: str) -> dict[str, Any]:
+    return {"type": type_, "status": status, "reason": reason, "message": message}
+
+
+def _pod_problems(pods: list[dict[str, Any]]) -> list[str]:
+    problems = []
+    for pod in pods:
+        name = pod.get("metadata", {}).get("name", "?")
+        st = pod.get("status") or {}
+        for cs in st.get("containerStatuses") or []:
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in _STUCK_REASONS:
+                problems.append(
+                    f"pod {name}: {waiting['reason']}: {waiting.get('message') or ''}".rstrip(": ")
+                )
+        for c in st.get("conditions") or []:
+            if (
+                c.get("type") == "PodScheduled"
+                and c.get("status") == "False"
+                and c.get("reason") == "Unschedulable"
+            ):
+                problems.append(f"pod {name} unschedulable: {c.get('message', '')}")
+    return problems
+
+
+def compute_status(
+    model: LLMModel,
+    estimate: Estimate,
+    observed: Observed,
+    previous: dict[str, Any] | None,
+    now: str,
+) -> dict[str, Any]:
+    """The full status object (every declared key; None clears a stale one in a merge patch)."""
+    gen = model.metadata.generation
+    conditions: list[dict[str, Any]] = []
+
+    if estimate.fits is True:
+        conditions.append(_cond("ResourcesFit", "True", "Fits", estimate.message or "fits"))
+    elif estimate.fits is False:
+        reason = "DoesNotFitOverridden" if model.spec.resources.skip_fit_check else "DoesNotFit"
+        conditions.append(_cond("ResourcesFit", "False", reason, estimate.message or "does not fit"))
+    else:
+        conditions.append(_cond("ResourcesFit", "Unknown", "NotEstimated", estimate.message or ""))
+
+    status: dict[str, Any] = {
+        "observedGeneration": gen,
+        "servedName": model.served_name,
+        "estimate": estimate.model_dump(by_alias=True, exclude_none=True, mode="json"),
+        "specHash": observed.spec_hash,
+    }
+
+    if model.spec.remote is not None:
+        ok = observed.remote_secret_ok is not False
+        ref = model.spec.remote.api_key_secret_ref
+        missing = f"Secret {ref.name} (key {ref.key}) not found" if ref else ""
+        conditions += [
+            _cond("Ready", "True" if ok else "False", "RemoteReady" if ok else "SecretMissing",
+                  f"forwarding to {model.spec.remote.base_url}" if ok else missing),
+            _cond("Progressing", "False", "Remote", "remote models run no pods"),
+            _cond("Degraded", "False" if ok else "True", "AsExpected" if ok else "SecretMissing", missing),
+        ]  # fmt: skip
+        status.update(
+            replicas=0, readyReplicas=0, updatedReplicas=0, endpoint=model.spec.remote.base_url, selector=None
+        )
+        status["conditions"] = _stamp(conditions, previous, now, gen)
+        return status
+
+    desired = model.spec.replicas
+    dep = observed.deployment or {}
+    ds = dep.get("status") or {}
+    replicas = int(ds.get("replicas") or 0)
+    ready = int(ds.get("readyReplicas") or 0)
+    updated = int(ds.get("updatedReplicas") or 0)
+    dep_current = bool(dep) and (ds.get("observedGeneration") or 0) >= (
+        dep.get("metadata", {}).get("generation") or 0
+    )
+    deadline_exceeded = any(
+        c.get("type") == "Progressing" and c.get("reason") == "ProgressDeadlineExceeded"
+        for c in ds.get("conditions") or []
+    )
+
+    if ready > 0:
+        conditions.append(_cond("Ready", "True", "Available", f"{ready}/{desired} replicas ready"))
+    elif desired == 0:
+        conditions.append(_cond("Ready", "False", "ScaledToZero", "replicas is 0"))
+    elif not observed.applied and not dep:
+        conditions.append(
+            _cond("Ready", "False", "ResourcesDoNotFit", "no pods: the model does not fit its GPUs")
+        )
+    else:
+        conditions.append(_cond("Ready", "False", "NoReadyReplicas", f"0/{desired} replicas ready"))
+
+    if not observed.applied:
+        conditions.append(
+            _cond("Progressing", "False", "ResourcesDoNotFit",
+                  "spec not rolled out: it does not fit its GPUs (set resources.skipFitCheck to override)")
+        )  # fmt: skip
+    elif not dep_current or updated < desired or ready < desired or replicas > desired:
+        what = "rolling out" if updated < replicas or (replicas > desired) else "scaling"
+        conditions.append(
+            _cond("Progressing", "True", "RollingOut" if what == "rolling out" else "Scaling",
+                  f"{what}: {updated} updated, {ready} ready of {desired} desired")
+        )  # fmt: skip
+    else:
+        conditions.append(
+            _cond("Progressing", "False", "Complete", f"{ready}/{desired} replicas on the current spec")
+        )
+
+    problems = _pod_problems(observed.pods)
+    if deadline_exceeded:
+        problems.append("rollout exceeded its progress deadline")
+    if problems:
+        conditions.append(_cond("Degraded", "True", "ReplicasFailing", "; ".join(problems)[:1000]))
+    else:
+        conditions.append(_cond("Degraded", "False", "AsExpected", ""))
+
+    selector = ",".join(f"{k}={v}" for k, v in contract.selector_labels(model.name).items())
+    status.update(
+        replicas=replicas,
+        readyReplicas=ready,
+        updatedReplicas=updated,
+        selector=selector,
+        endpoint=endpoint(model),
+    )
+    status["conditions"] = _stamp(conditions, previous, now, gen)
+    return status
+
+
+def _stamp(
+    conditions: list[dict[str, Any]], previous: dict[str, Any] | None, now: str, gen: int | None
+) -> list[dict[str, Any]]:
+    """Keep lastTransitionTime when a condition's status did not change."""
+    before = {c.get("type"): c for c in (previous or {}).get("conditions") or []}
+    out = []
+    for c in conditions:
+        old = before.get(c["type"])
+        changed = old is None or old.get("status") != c["status"]
+        c = {**c, "lastTransitionTime": now if changed else old.get("lastTransitionTime", now)}  # type: ignore[union-attr]
+        if gen is not None:
+            c["observedGeneration"] = gen
+        out.append(c)
+    return out
+
+
+def transitions(previous: dict[str, Any] | None, current: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(type, reason, message) of conditions whose status changed: these become Events."""
+    before = {c.get("type"): c.get("status") for c in (previous or {}).get("conditions") or []}
+    return [
+        (c["type"], c["reason"], c["message"])
+        for c in current.get("conditions") or []
+        if before.get(c["type"]) != c["status"]
+    ]
+
+
+def status_changed(previous: dict[str, Any] | None, current: dict[str, Any]) -> bool:
+    prev = {k: v for k, v in (previous or {}).items() if v is not None}
+    cur = {k: v for k, v in current.items() if v is not None}
+    return prev != cur

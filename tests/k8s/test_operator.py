@@ -1,0 +1,304 @@
+"""The operator (a real `kubeinfer operator` process) against the real control plane.
+
+It runs with the token of a ServiceAccount bound to the Helm chart's operator ClusterRole, so these
+tests also prove the chart's RBAC is enough. kwok plays the kubelet: pods on its fake GPU node become
+Running and Ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+
+import pytest
+from kubernetes_asyncio import client
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from kubeinfer import contract
+from tests.cases import ROOT, load_example, manifest
+
+NS = "op-tests"
+G, V, P = contract.GROUP, contract.VERSION, contract.PLURAL
+
+
+def tiny(name: str, **spec_overrides):
+    doc = load_example(ROOT / "examples" / "tiny-gguf-cpu.yaml")
+    doc["metadata"] = {"name": name, "namespace": NS}
+    doc["spec"].update(spec_overrides)
+    return doc
+
+
+@pytest.fixture
+async def api(operator_process, k8s_api):
+    try:
+        await client.CoreV1Api(k8s_api).create_namespace({"metadata": {"name": NS}})
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+    return k8s_api
+
+
+async def _get(api, name):
+    try:
+        return await client.CustomObjectsApi(api).get_namespaced_custom_object(G, V, NS, P, name)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+async def _deployment(api, name):
+    try:
+        return await client.AppsV1Api(api).read_namespaced_deployment(contract.child_name(name), NS)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+def _cond(obj, type_):
+    for c in (obj or {}).get("status", {}).get("conditions") or []:
+        if c["type"] == type_:
+            return c
+    return {}
+
+
+async def _create(api, doc):
+    return await client.CustomObjectsApi(api).create_namespaced_custom_object(G, V, NS, P, doc)
+
+
+async def _delete(api, name):
+    try:
+        await client.CustomObjectsApi(api).delete_namespaced_custom_object(G, V, NS, P, name)
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+
+
+async def _ready(api, name, want_ready=1):
+    async def check():
+        obj = await _get(api, name)
+        st = (obj or {}).get("status") or {}
+        ok = _cond(obj, "Ready").get("status") == "True" and st.get("readyReplicas") == want_ready
+        return obj if ok and _cond(obj, "Progressing").get("reason") == "Complete" else None
+
+    return check
+
+
+async def test_create_renders_children_and_becomes_ready(api, wait_for):
+    name = "tiny-a"
+    await _create(api, tiny(name))
+    try:
+        dep = await wait_for(lambda: _deployment(api, name), timeout=30, what="Deployment")
+        container = dep.spec.template.spec.containers[0]
+        assert container.command == ["llama-server"]
+        assert container.args[:2] == ["-m", f"{contract.PVC_MOUNT_ROOT}/kubeinfer-models/tiny-llama.gguf"]
+        assert "--metrics" in container.args
+        owner = dep.metadata.owner_references[0]
+        assert (owner.kind, owner.name, owner.controller) == ("LLMModel", name, True)
+        svc = await client.CoreV1Api(api).read_namespaced_service(contract.child_name(name), NS)
+        assert svc.spec.ports[0].port == contract.ENGINE_PORT
+
+        obj = await wait_for(await _ready(api, name), timeout=90, what="model Ready")
+        st = obj["status"]
+        assert st["replicas"] == 1 and st["observedGeneration"] == obj["metadata"]["generation"]
+        assert st["endpoint"] == f"http://{contract.child_name(name)}.{NS}.svc:{contract.ENGINE_PORT}"
+        assert _cond(obj, "ResourcesFit")["status"] == "True"
+        assert st["servedName"] == "tiny-gguf"
+        pods = await client.CoreV1Api(api).list_namespaced_pod(NS, label_selector=f"{contract.LABEL_MODEL}={name}")
+        assert len(pods.items) == 1 and pods.items[0].status.pod_ip
+        events = await client.CoreV1Api(api).list_namespaced_event(NS, field_selector=f"involvedObject.name={name}")
+        assert any(e.reason == "Available" for e in events.items), [e.reason for e in events.items]
+    finally:
+        await _delete(api, name)
+
+
+async def test_spec_change_rolls_out_then_ready(api, wait_for):
+    name = "tiny-b"
+    await _create(api, tiny(name))
+    try:
+        obj = await wait_for(await _ready(api, name), timeout=90, what="model Ready")
+        old_hash = obj["status"]["specHash"]
+        await client.CustomObjectsApi(api).patch_namespaced_custom_object(G, V, NS, P, name, {"spec": {"maxModelLen": 1024}})
+
+        seen_progressing = False
+
+        async def rolled():
+            nonlocal seen_progressing
+            o = await _get(api, name)
+            if _cond(o, "Progressing").get("status") == "True":
+                seen_progressing = True
+            ok = (o["status"].get("specHash") != old_hash and _cond(o, "Ready").get("status") == "True"
+                  and _cond(o, "Progressing").get("reason") == "Complete" and o["status"].get("readyReplicas") == 1
+                  and o["status"].get("replicas") == 1)  # fmt: skip
+            return o if ok else None
+
+        obj = await wait_for(rolled, timeout=90, interval=0.1, what="rollout complete")
+        dep = await _deployment(api, name)
+        args = dep.spec.template.spec.containers[0].args
+        assert args[args.index("-c") + 1] == str(1024 * 4)
+        assert dep.spec.template.metadata.labels[contract.LABEL_SPEC_HASH] == obj["status"]["specHash"]
+        assert seen_progressing or obj["status"]["updatedReplicas"] == 1
+    finally:
+        await _delete(api, name)
+
+
+async def test_scale_subresource_scales_the_deployment(api, wait_for):
+    name = "tiny-c"
+    await _create(api, tiny(name))
+    try:
+        await wait_for(await _ready(api, name), timeout=90, what="model Ready")
+        generation = (await _deployment(api, name)).spec.template.metadata.labels[contract.LABEL_SPEC_HASH]
+        await client.CustomObjectsApi(api).patch_namespaced_custom_object_scale(
+            G, V, NS, P, name, {"spec": {"replicas": 3}}
+        )
+        await wait_for(await _ready(api, name, want_ready=3), timeout=90, what="3 ready replicas")
+        dep = await _deployment(api, name)
+        assert dep.spec.replicas == 3
+        # Scaling is not a new pod template: no rollout.
+        assert dep.spec.template.metadata.labels[contract.LABEL_SPEC_HASH] == generation
+        pdb = await client.PolicyV1Api(api).read_namespaced_pod_disruption_budget(contract.child_name(name), NS)
+        assert pdb.spec.max_unavailable == 1
+        scale = await client.CustomObjectsApi(api).get_namespaced_custom_object_scale(G, V, NS, P, name)
+        assert scale["status"]["replicas"] == 3
+    finally:
+        await _delete(api, name)
+
+
+async def test_delete_garbage_collects_children(api, wait_for):
+    name = "tiny-d"
+    await _create(api, tiny(name))
+    await wait_for(lambda: _deployment(api, name), timeout=30, what="Deployment")
+    await _delete(api, name)
+
+    async def gone():
+        if await _deployment(api, name) is not None:
+            return False
+        try:
+            await client.CoreV1Api(api).read_namespaced_service(contract.child_name(name), NS)
+            return False
+        except ApiException as exc:
+            return exc.status == 404
+
+    await wait_for(gone, timeout=60, what="children garbage-collected")
+    assert await _get(api, name) is None  # no finalizer held it
+
+
+async def test_model_that_does_not_fit_creates_no_pods(api, wait_for):
+    name = "too-big"
+    doc = manifest(name, {"model": {"source": "hf://org/huge", "parameters": "405B"},
+                          "resources": {"gpus": 1, "gpuType": "L4"}})  # fmt: skip
+    doc["metadata"]["namespace"] = NS
+    await _create(api, doc)
+    try:
+        async def refused():
+            o = await _get(api, name)
+            return o if _cond(o, "ResourcesFit").get("status") == "False" else None
+
+        obj = await wait_for(refused, timeout=30, what="ResourcesFit=False")
+        msg = _cond(obj, "ResourcesFit")["message"]
+        assert "does not fit" in msg and "22.5 GiB" in msg
+        assert _cond(obj, "Ready")["reason"] == "ResourcesDoNotFit"
+        assert obj["status"]["estimate"]["fits"] is False
+        await asyncio.sleep(2)
+        assert await _deployment(api, name) is None
+        events = await client.CoreV1Api(api).list_namespaced_event(NS, field_selector=f"involvedObject.name={name}")
+        assert any(e.reason == "DoesNotFit" and e.type == "Warning" for e in events.items)
+
+        # The user overrides the check: pods are created.
+        await client.CustomObjectsApi(api).patch_namespaced_custom_object(
+            G, V, NS, P, name, {"spec": {"resources": {"skipFitCheck": True}}}
+        )
+        await wait_for(lambda: _deployment(api, name), timeout=30, what="Deployment after override")
+    finally:
+        await _delete(api, name)
+
+
+async def test_drift_is_repaired(api, wait_for):
+    name = "tiny-e"
+    await _create(api, tiny(name))
+    try:
+        dep = await wait_for(lambda: _deployment(api, name), timeout=30, what="Deployment")
+        want = list(dep.spec.template.spec.containers[0].args)
+        patch = {"spec": {"template": {"spec": {"containers": [{"name": "engine", "args": ["--bogus"]}]}}}}
+        await client.AppsV1Api(api).patch_namespaced_deployment(contract.child_name(name), NS, patch)
+
+        async def repaired():
+            d = await _deployment(api, name)
+            return d if d and d.spec.template.spec.containers[0].args == want else None
+
+        await wait_for(repaired, timeout=30, what="args restored")
+        await client.AppsV1Api(api).delete_namespaced_deployment(contract.child_name(name), NS)
+        await asyncio.sleep(0.5)
+        await wait_for(repaired, timeout=30, what="Deployment recreated")
+    finally:
+        await _delete(api, name)
+
+
+async def test_remote_model_ready_when_secret_exists(api, wait_for):
+    name = "remote-a"
+    doc = copy.deepcopy(load_example(ROOT / "examples" / "remote-openai.yaml"))
+    doc["metadata"] = {"name": name, "namespace": NS}
+    await _create(api, doc)
+    try:
+        async def state(want):
+            async def check():
+                o = await _get(api, name)
+                return o if _cond(o, "Ready").get("reason") == want else None
+
+            return check
+
+        obj = await wait_for(await state("SecretMissing"), timeout=30, what="SecretMissing")
+        assert obj["status"]["replicas"] == 0
+        await client.CoreV1Api(api).create_namespaced_secret(
+            NS, {"metadata": {"name": "remote-api-key"}, "stringData": {"api-key": "sk-test"}}
+        )
+        await wait_for(await state("RemoteReady"), timeout=30, what="RemoteReady")
+        assert await _deployment(api, name) is None
+    finally:
+        await _delete(api, name)
+        try:
+            await client.CoreV1Api(api).delete_namespaced_secret("remote-api-key", NS)
+        except ApiException:
+            pass
+
+
+async def test_operator_restart_resumes_without_duplicates(api, wait_for, operator_process):
+    name = "tiny-f"
+    await _create(api, tiny(name))
+    try:
+        await wait_for(await _ready(api, name), timeout=90, what="model Ready")
+        before = await _deployment(api, name)
+        operator_process.restart()
+        # A change made while the operator is coming back is picked up on resume.
+        await client.CustomObjectsApi(api).patch_namespaced_custom_object(
+            G, V, NS, P, name, {"spec": {"replicas": 2}}
+        )
+        await wait_for(await _ready(api, name, want_ready=2), timeout=90, what="2 ready after restart")
+        deps = await client.AppsV1Api(api).list_namespaced_deployment(NS, label_selector=f"{contract.LABEL_MODEL}={name}")
+        assert len(deps.items) == 1
+        after = deps.items[0]
+        assert after.metadata.uid == before.metadata.uid
+        assert after.spec.template.metadata.labels == before.spec.template.metadata.labels
+        rs = await client.AppsV1Api(api).list_namespaced_replica_set(NS, label_selector=f"{contract.LABEL_MODEL}={name}")
+        assert len(rs.items) == 1, "a restart must not cause a rollout"
+    finally:
+        await _delete(api, name)
+
+
+async def test_operator_status_fields_are_all_declared(api, wait_for):
+    """What the operator writes survives the apiserver's pruning (compare with a server-side dry run)."""
+    name = "tiny-g"
+    await _create(api, tiny(name))
+    try:
+        obj = await wait_for(await _ready(api, name), timeout=90, what="model Ready")
+        assert set(obj["status"]) >= {"conditions", "observedGeneration", "replicas", "readyReplicas",
+                                      "updatedReplicas", "selector", "servedName", "endpoint", "specHash",
+                                      "estimate"}  # fmt: skip
+        annotations = obj["metadata"].get("annotations") or {}
+        assert not any(k.startswith("kopf.zalando.org") for k in annotations), annotations
+        assert "kopf" not in json.dumps(obj["status"])
+        assert not obj["metadata"].get("finalizers")
+    finally:
+        await _delete(api, name)

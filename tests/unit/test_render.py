@@ -1,0 +1,157 @@
+"""Rendering: golden files per example, and the properties each manifest must have."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import yaml
+
+from kubeinfer import contract
+from kubeinfer.estimate import estimate
+from kubeinfer.render.config import load_config
+from kubeinfer.render.manifests import merge_overlay, render, spec_hash
+from kubeinfer.validation import parse_model
+from tests.cases import EXAMPLES, FULL_LLAMA, FULL_VLLM, ROOT, load_example, manifest
+
+GOLDEN = ROOT / "tests" / "golden"
+CONFIG = load_config()
+
+
+def _with_uid(doc):
+    doc = copy.deepcopy(doc)
+    doc["metadata"].setdefault("namespace", "ml")
+    doc["metadata"]["uid"] = "00000000-0000-0000-0000-000000000001"
+    return doc
+
+
+def _golden_text(doc) -> str:
+    model = parse_model(_with_uid(doc))
+    est = estimate(model.spec)
+    head = f"# estimate: {est.message}\n"
+    return head + yaml.safe_dump_all(render(model, CONFIG), sort_keys=False, width=120)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_golden(path):
+    golden = GOLDEN / path.name
+    text = _golden_text(load_example(path))
+    if os.environ.get("UPDATE_GOLDEN"):
+        golden.parent.mkdir(exist_ok=True)
+        golden.write_text(text)
+    assert golden.exists(), f"missing {golden}; run `make golden`"
+    assert text == golden.read_text(), (
+        f"{path.name} renders differently from {golden}; review, then `make golden`"
+    )
+
+
+def _objects(spec, name="m"):
+    model = parse_model(_with_uid(manifest(name, spec)))
+    return model, {o["kind"]: o for o in render(model, CONFIG)}
+
+
+def test_objects_are_owned_labelled_and_named_by_contract():
+    model, objs = _objects(FULL_VLLM)
+    assert set(objs) == {"Deployment", "Service", "PodDisruptionBudget"}
+    for obj in objs.values():
+        assert obj["metadata"]["name"] == contract.child_name("m")
+        assert obj["metadata"]["namespace"] == "ml"
+        owner = obj["metadata"]["ownerReferences"][0]
+        assert (owner["kind"], owner["name"], owner["controller"]) == ("LLMModel", "m", True)
+        assert obj["metadata"]["labels"][contract.LABEL_MODEL] == "m"
+    pod = objs["Deployment"]["spec"]["template"]
+    assert pod["metadata"]["labels"][contract.LABEL_SPEC_HASH] == spec_hash(model)
+    ann = pod["metadata"]["annotations"]
+    assert ann[contract.ANNOTATION_SERVED_NAME] == "org/model"
+    assert ann[contract.ANNOTATION_PORT] == str(contract.ENGINE_PORT)
+    assert yaml.safe_load(ann[contract.ANNOTATION_MODALITIES]) == ["text", "image"]
+    # The selector is a subset of the template labels and does not contain the hash (stable across rollouts).
+    sel = objs["Deployment"]["spec"]["selector"]["matchLabels"]
+    assert contract.LABEL_SPEC_HASH not in sel
+    assert sel.items() <= pod["metadata"]["labels"].items()
+    assert objs["Service"]["spec"]["selector"] == sel
+
+
+def test_engine_container_has_probes_gpu_limits_shm_and_token():
+    _, objs = _objects(FULL_VLLM)
+    pod = objs["Deployment"]["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert c["command"] == ["vllm", "serve"]
+    assert c["image"] == "example/vllm:custom"
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert c["startupProbe"]["failureThreshold"] * c["startupProbe"]["periodSeconds"] >= 3600
+    assert c["lifecycle"]["preStop"]["sleep"]["seconds"] > 0
+    env = {e["name"]: e for e in c["env"]}
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf", "key": "token"}
+    assert env["FOO"]["value"] == "bar"
+    vols = {v["name"]: v for v in pod["volumes"]}
+    assert vols["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
+    assert pod["nodeSelector"] == {"pool": "gpu"}
+    assert pod["runtimeClassName"] == "nvidia"
+    # podTemplate overlay applied
+    assert objs["Deployment"]["spec"]["template"]["metadata"]["labels"]["team"] == "ml"
+
+
+def test_rollout_keeps_old_replicas_until_new_are_ready():
+    _, objs = _objects(FULL_VLLM)
+    strategy = objs["Deployment"]["spec"]["strategy"]
+    assert strategy["rollingUpdate"]["maxUnavailable"] == 0
+
+
+def test_pvc_sources_are_mounted_read_only():
+    _, objs = _objects(FULL_LLAMA)
+    pod = objs["Deployment"]["spec"]["template"]["spec"]
+    claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v]
+    assert claims == ["models"]
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "pvc-models")
+    assert mount["readOnly"] and mount["mountPath"] == f"{contract.PVC_MOUNT_ROOT}/models"
+    args = pod["containers"][0]["args"]
+    assert args[:2] == ["-m", f"{contract.PVC_MOUNT_ROOT}/models/big/model-Q4_K_M.gguf"]
+    assert "--metrics" in args
+
+
+def test_single_replica_has_no_pdb_and_cpu_model_no_gpu_limit():
+    doc = load_example(ROOT / "examples" / "tiny-gguf-cpu.yaml")
+    model = parse_model(_with_uid(doc))
+    objs = {o["kind"]: o for o in render(model, CONFIG)}
+    assert "PodDisruptionBudget" not in objs
+    limits = objs["Deployment"]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert "nvidia.com/gpu" not in limits
+
+
+def test_remote_models_render_nothing():
+    model = parse_model(load_example(ROOT / "examples" / "remote-openai.yaml"))
+    assert render(model, CONFIG) == []
+
+
+def test_spec_hash_changes_with_pod_settings_only():
+    base = parse_model(manifest("m", FULL_VLLM))
+    scaled = parse_model(manifest("m", {**FULL_VLLM, "replicas": 3}))
+    rerouted = parse_model(manifest("m", {**FULL_VLLM, "routing": {"strategy": "round-robin"}}))
+    longer = parse_model(manifest("m", {**FULL_VLLM, "maxModelLen": 4096}))
+    assert spec_hash(base) == spec_hash(scaled) == spec_hash(rerouted)
+    assert spec_hash(base) != spec_hash(longer)
+
+
+def test_render_is_deterministic():
+    model = parse_model(_with_uid(manifest("m", FULL_VLLM)))
+    assert yaml.safe_dump_all(render(model, CONFIG)) == yaml.safe_dump_all(render(model, CONFIG))
+
+
+def test_merge_overlay_merges_containers_by_name():
+    base = {"containers": [{"name": "engine", "image": "a", "env": [{"name": "X", "value": "1"}]}]}
+    over = {"containers": [{"name": "engine", "env": [{"name": "Y", "value": "2"}]}, {"name": "sidecar"}]}
+    out = merge_overlay(base, over)
+    assert [c["name"] for c in out["containers"]] == ["engine", "sidecar"]
+    assert out["containers"][0]["image"] == "a"
+    assert [e["name"] for e in out["containers"][0]["env"]] == ["X", "Y"]
+
+
+def test_config_overrides_images(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("imageRegistry: mirror.local:5000\nimages: {vllm: custom/vllm:1}\n")
+    cfg = load_config(f)
+    assert cfg.image_for("vllm") == "mirror.local:5000/custom/vllm:1"
+    assert cfg.image_for("llama-server").endswith(CONFIG.images.llama_server)
