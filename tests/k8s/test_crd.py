@@ -20,6 +20,7 @@ from kubeinfer.crdgen import crd
 from tests.cases import EXAMPLES, FULL_LLAMA, FULL_VLLM, INVALID, load_example, manifest
 
 NS = "crd-tests"
+MERGE = "application/merge-patch+json"  # the client would send a dict as json-patch
 
 
 @pytest.fixture(scope="session")
@@ -56,7 +57,9 @@ async def installed(control_plane):
         objs = client.CustomObjectsApi(api)
         for _ in range(120):
             try:
-                await objs.list_namespaced_custom_object(contract.GROUP, contract.VERSION, NS, contract.PLURAL)
+                await objs.list_namespaced_custom_object(
+                    contract.GROUP, contract.VERSION, NS, contract.PLURAL
+                )
                 break
             except ApiException:
                 await asyncio.sleep(0.25)
@@ -134,7 +137,7 @@ async def test_engine_is_immutable_and_status_and_scale_work(objects):
         with pytest.raises(ApiException) as info:
             await objects.patch_namespaced_custom_object(
                 contract.GROUP, contract.VERSION, NS, contract.PLURAL, name,
-                {"spec": {"engine": "llama-server", "model": {"source": "o/m:Q4_K_M"}}},
+                {"spec": {"engine": "llama-server", "model": {"source": "o/m:Q4_K_M"}}}, _content_type=MERGE
             )  # fmt: skip
         assert "engine is immutable" in json.loads(info.value.body)["message"]
 
@@ -151,9 +154,17 @@ async def test_engine_is_immutable_and_status_and_scale_work(objects):
                                             "gpus": 1, "fits": True, "message": "fits"},
         }  # fmt: skip
         await objects.patch_namespaced_custom_object_status(
-            contract.GROUP, contract.VERSION, NS, contract.PLURAL, name, {"status": copy.deepcopy(status)}
+            contract.GROUP,
+            contract.VERSION,
+            NS,
+            contract.PLURAL,
+            name,
+            {"status": copy.deepcopy(status)},
+            _content_type=MERGE,
         )
-        got = await objects.get_namespaced_custom_object(contract.GROUP, contract.VERSION, NS, contract.PLURAL, name)
+        got = await objects.get_namespaced_custom_object(
+            contract.GROUP, contract.VERSION, NS, contract.PLURAL, name
+        )
         assert got["status"] == status
 
         # The scale subresource reads and writes spec.replicas.
@@ -162,12 +173,22 @@ async def test_engine_is_immutable_and_status_and_scale_work(objects):
         )
         assert scale["spec"]["replicas"] == 1 and scale["status"]["selector"] == status["selector"]
         await objects.patch_namespaced_custom_object_scale(
-            contract.GROUP, contract.VERSION, NS, contract.PLURAL, name, {"spec": {"replicas": 3}}
+            contract.GROUP,
+            contract.VERSION,
+            NS,
+            contract.PLURAL,
+            name,
+            {"spec": {"replicas": 3}},
+            _content_type=MERGE,
         )
-        got = await objects.get_namespaced_custom_object(contract.GROUP, contract.VERSION, NS, contract.PLURAL, name)
+        got = await objects.get_namespaced_custom_object(
+            contract.GROUP, contract.VERSION, NS, contract.PLURAL, name
+        )
         assert got["spec"]["replicas"] == 3
     finally:
-        await objects.delete_namespaced_custom_object(contract.GROUP, contract.VERSION, NS, contract.PLURAL, name)
+        await objects.delete_namespaced_custom_object(
+            contract.GROUP, contract.VERSION, NS, contract.PLURAL, name
+        )
 
 
 async def test_rendered_children_pass_server_side_validation(installed, k8s_api):

@@ -8,6 +8,7 @@ Running and Ready.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
 
@@ -17,25 +18,62 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from kubeinfer import contract
 from tests.cases import ROOT, load_example, manifest
+from tests.k8s_support import (
+    OperatorProcess,
+    chart_operator_rules,
+    ensure_namespace,
+    install_crd,
+    service_account_kubeconfig,
+)
 
 NS = "op-tests"
+MERGE = "application/merge-patch+json"  # the client would send a dict as json-patch
 G, V, P = contract.GROUP, contract.VERSION, contract.PLURAL
 
 
 def tiny(name: str, **spec_overrides):
     doc = load_example(ROOT / "examples" / "tiny-gguf-cpu.yaml")
     doc["metadata"] = {"name": name, "namespace": NS}
+    # kwok runs no containers; a hub source avoids needing a bound PVC for the example's pvc:// path.
+    doc["spec"]["model"]["source"] = "kubeinfer/tiny-GGUF:Q8_0"
     doc["spec"].update(spec_overrides)
     return doc
 
 
+@pytest.fixture(scope="session")
+async def operator_process(control_plane, tmp_path_factory):
+    """The operator, authenticated as a ServiceAccount holding only the chart's operator ClusterRole."""
+    from kubernetes_asyncio import config
+
+    cfg = client.Configuration()
+    await config.load_kube_config(config_file=str(control_plane.kubeconfig), client_configuration=cfg)
+    async with client.ApiClient(configuration=cfg) as admin:
+        await install_crd(admin)
+        await ensure_namespace(admin, NS)
+        rules = chart_operator_rules(control_plane.bin["helm"])
+        state = tmp_path_factory.mktemp("operator")
+        kubeconfig = await service_account_kubeconfig(
+            admin, control_plane.kubeconfig, rules, "kubeinfer-operator-test", state / "kubeconfig"
+        )
+    port = _free_port()
+    proc = OperatorProcess(kubeconfig, state / "operator.log", port)
+    proc.start()
+    yield proc
+    proc.stop()
+    # RBAC denials show up in the log as 403s; fail loudly if the chart's role was not enough.
+    assert " 403" not in proc.tail(100000) or "Forbidden" not in proc.tail(100000), proc.tail()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 @pytest.fixture
 async def api(operator_process, k8s_api):
-    try:
-        await client.CoreV1Api(k8s_api).create_namespace({"metadata": {"name": NS}})
-    except ApiException as exc:
-        if exc.status != 409:
-            raise
     return k8s_api
 
 
@@ -93,7 +131,7 @@ async def test_create_renders_children_and_becomes_ready(api, wait_for):
         dep = await wait_for(lambda: _deployment(api, name), timeout=30, what="Deployment")
         container = dep.spec.template.spec.containers[0]
         assert container.command == ["llama-server"]
-        assert container.args[:2] == ["-m", f"{contract.PVC_MOUNT_ROOT}/kubeinfer-models/tiny-llama.gguf"]
+        assert container.args[:2] == ["-hf", "kubeinfer/tiny-GGUF:Q8_0"]
         assert "--metrics" in container.args
         owner = dep.metadata.owner_references[0]
         assert (owner.kind, owner.name, owner.controller) == ("LLMModel", name, True)
@@ -106,9 +144,13 @@ async def test_create_renders_children_and_becomes_ready(api, wait_for):
         assert st["endpoint"] == f"http://{contract.child_name(name)}.{NS}.svc:{contract.ENGINE_PORT}"
         assert _cond(obj, "ResourcesFit")["status"] == "True"
         assert st["servedName"] == "tiny-gguf"
-        pods = await client.CoreV1Api(api).list_namespaced_pod(NS, label_selector=f"{contract.LABEL_MODEL}={name}")
+        pods = await client.CoreV1Api(api).list_namespaced_pod(
+            NS, label_selector=f"{contract.LABEL_MODEL}={name}"
+        )
         assert len(pods.items) == 1 and pods.items[0].status.pod_ip
-        events = await client.CoreV1Api(api).list_namespaced_event(NS, field_selector=f"involvedObject.name={name}")
+        events = await client.CoreV1Api(api).list_namespaced_event(
+            NS, field_selector=f"involvedObject.name={name}"
+        )
         assert any(e.reason == "Available" for e in events.items), [e.reason for e in events.items]
     finally:
         await _delete(api, name)
@@ -120,7 +162,9 @@ async def test_spec_change_rolls_out_then_ready(api, wait_for):
     try:
         obj = await wait_for(await _ready(api, name), timeout=90, what="model Ready")
         old_hash = obj["status"]["specHash"]
-        await client.CustomObjectsApi(api).patch_namespaced_custom_object(G, V, NS, P, name, {"spec": {"maxModelLen": 1024}})
+        await client.CustomObjectsApi(api).patch_namespaced_custom_object(
+            G, V, NS, P, name, {"spec": {"maxModelLen": 1024}}, _content_type=MERGE
+        )
 
         seen_progressing = False
 
@@ -129,9 +173,14 @@ async def test_spec_change_rolls_out_then_ready(api, wait_for):
             o = await _get(api, name)
             if _cond(o, "Progressing").get("status") == "True":
                 seen_progressing = True
-            ok = (o["status"].get("specHash") != old_hash and _cond(o, "Ready").get("status") == "True"
-                  and _cond(o, "Progressing").get("reason") == "Complete" and o["status"].get("readyReplicas") == 1
-                  and o["status"].get("replicas") == 1)  # fmt: skip
+            st = o["status"]
+            ok = (
+                st.get("specHash") != old_hash
+                and _cond(o, "Ready").get("status") == "True"
+                and _cond(o, "Progressing").get("reason") == "Complete"
+                and st.get("readyReplicas") == 1
+                and st.get("replicas") == 1
+            )
             return o if ok else None
 
         obj = await wait_for(rolled, timeout=90, interval=0.1, what="rollout complete")
@@ -151,14 +200,16 @@ async def test_scale_subresource_scales_the_deployment(api, wait_for):
         await wait_for(await _ready(api, name), timeout=90, what="model Ready")
         generation = (await _deployment(api, name)).spec.template.metadata.labels[contract.LABEL_SPEC_HASH]
         await client.CustomObjectsApi(api).patch_namespaced_custom_object_scale(
-            G, V, NS, P, name, {"spec": {"replicas": 3}}
+            G, V, NS, P, name, {"spec": {"replicas": 3}}, _content_type=MERGE
         )
         await wait_for(await _ready(api, name, want_ready=3), timeout=90, what="3 ready replicas")
         dep = await _deployment(api, name)
         assert dep.spec.replicas == 3
         # Scaling is not a new pod template: no rollout.
         assert dep.spec.template.metadata.labels[contract.LABEL_SPEC_HASH] == generation
-        pdb = await client.PolicyV1Api(api).read_namespaced_pod_disruption_budget(contract.child_name(name), NS)
+        pdb = await client.PolicyV1Api(api).read_namespaced_pod_disruption_budget(
+            contract.child_name(name), NS
+        )
         assert pdb.spec.max_unavailable == 1
         scale = await client.CustomObjectsApi(api).get_namespaced_custom_object_scale(G, V, NS, P, name)
         assert scale["status"]["replicas"] == 3
@@ -192,6 +243,7 @@ async def test_model_that_does_not_fit_creates_no_pods(api, wait_for):
     doc["metadata"]["namespace"] = NS
     await _create(api, doc)
     try:
+
         async def refused():
             o = await _get(api, name)
             return o if _cond(o, "ResourcesFit").get("status") == "False" else None
@@ -203,12 +255,14 @@ async def test_model_that_does_not_fit_creates_no_pods(api, wait_for):
         assert obj["status"]["estimate"]["fits"] is False
         await asyncio.sleep(2)
         assert await _deployment(api, name) is None
-        events = await client.CoreV1Api(api).list_namespaced_event(NS, field_selector=f"involvedObject.name={name}")
+        events = await client.CoreV1Api(api).list_namespaced_event(
+            NS, field_selector=f"involvedObject.name={name}"
+        )
         assert any(e.reason == "DoesNotFit" and e.type == "Warning" for e in events.items)
 
         # The user overrides the check: pods are created.
         await client.CustomObjectsApi(api).patch_namespaced_custom_object(
-            G, V, NS, P, name, {"spec": {"resources": {"skipFitCheck": True}}}
+            G, V, NS, P, name, {"spec": {"resources": {"skipFitCheck": True}}}, _content_type=MERGE
         )
         await wait_for(lambda: _deployment(api, name), timeout=30, what="Deployment after override")
     finally:
@@ -242,6 +296,7 @@ async def test_remote_model_ready_when_secret_exists(api, wait_for):
     doc["metadata"] = {"name": name, "namespace": NS}
     await _create(api, doc)
     try:
+
         async def state(want):
             async def check():
                 o = await _get(api, name)
@@ -258,10 +313,8 @@ async def test_remote_model_ready_when_secret_exists(api, wait_for):
         assert await _deployment(api, name) is None
     finally:
         await _delete(api, name)
-        try:
+        with contextlib.suppress(ApiException):
             await client.CoreV1Api(api).delete_namespaced_secret("remote-api-key", NS)
-        except ApiException:
-            pass
 
 
 async def test_operator_restart_resumes_without_duplicates(api, wait_for, operator_process):
@@ -273,15 +326,19 @@ async def test_operator_restart_resumes_without_duplicates(api, wait_for, operat
         operator_process.restart()
         # A change made while the operator is coming back is picked up on resume.
         await client.CustomObjectsApi(api).patch_namespaced_custom_object(
-            G, V, NS, P, name, {"spec": {"replicas": 2}}
+            G, V, NS, P, name, {"spec": {"replicas": 2}}, _content_type=MERGE
         )
         await wait_for(await _ready(api, name, want_ready=2), timeout=90, what="2 ready after restart")
-        deps = await client.AppsV1Api(api).list_namespaced_deployment(NS, label_selector=f"{contract.LABEL_MODEL}={name}")
+        deps = await client.AppsV1Api(api).list_namespaced_deployment(
+            NS, label_selector=f"{contract.LABEL_MODEL}={name}"
+        )
         assert len(deps.items) == 1
         after = deps.items[0]
         assert after.metadata.uid == before.metadata.uid
         assert after.spec.template.metadata.labels == before.spec.template.metadata.labels
-        rs = await client.AppsV1Api(api).list_namespaced_replica_set(NS, label_selector=f"{contract.LABEL_MODEL}={name}")
+        rs = await client.AppsV1Api(api).list_namespaced_replica_set(
+            NS, label_selector=f"{contract.LABEL_MODEL}={name}"
+        )
         assert len(rs.items) == 1, "a restart must not cause a rollout"
     finally:
         await _delete(api, name)

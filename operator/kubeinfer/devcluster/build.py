@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         paths = ensure_binaries(names, force=args.force)
     except (BuildError, KeyError) as exc:
-        _log(f"error: {exc}")
+        _log(f"error: {exc.args[0] if isinstance(exc, KeyError) else exc}")
         return 1
     for name, path in paths.items():
         print(f"{name}={path}" if args.print_paths else f"{name}: {path}")

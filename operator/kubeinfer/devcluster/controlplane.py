@@ -100,12 +100,13 @@ def _tail(path: Path, lines: int = 40) -> str:
 
 def _write_pki(pki: Path) -> None:
     """CA, apiserver serving cert (signed by the CA) and the service-account signing key pair."""
+    # Imported here: cryptography is a dev dependency, not one of the operator's.
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    def pem_key(key: Any) -> bytes:
+    def pem_key(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
         return key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
@@ -300,16 +301,16 @@ class ControlPlane:
         if self._started:
             return self
         t0 = time.monotonic()
-        if self._binaries is None:
-            self.bin = build.ensure_binaries(self.components)
-        else:
-            self.bin = {k: Path(v) for k, v in self._binaries.items()}
-            missing = [c for c in self.components if c not in self.bin]
-            if missing:
-                raise ControlPlaneError(f"no binary given for {missing}")
         self._started = True
         atexit.register(self.stop)
         try:
+            if self._binaries is None:
+                self.bin = build.ensure_binaries(self.components)
+            else:
+                self.bin = {k: Path(v) for k, v in self._binaries.items()}
+                missing = [c for c in self.components if c not in self.bin]
+                if missing:
+                    raise ControlPlaneError(f"no binary given for {missing}")
             self._prepare()
             self._start_etcd()
             self._start_apiserver()
@@ -349,12 +350,13 @@ class ControlPlane:
         return {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
 
     def kubectl(
-        self, *args: str, check: bool = True, timeout: float = 60
+        self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60
     ) -> subprocess.CompletedProcess[str]:
-        """Run the cached kubectl against this control plane."""
+        """Run the cached kubectl against this control plane (`input` goes to its stdin)."""
         kubectl = self.bin.get("kubectl") or build.ensure_binaries(["kubectl"])["kubectl"]
         return subprocess.run(
             [str(kubectl), "--kubeconfig", str(self.kubeconfig), *args],
+            input=input,
             capture_output=True,
             text=True,
             check=check,
@@ -368,6 +370,8 @@ class ControlPlane:
 
     def _prepare(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        # Always a fresh cluster: certificates and tokens are new, so old data would be useless.
+        shutil.rmtree(self.state_dir / "etcd", ignore_errors=True)
         self.log_dir.mkdir(exist_ok=True)
         _write_pki(self.pki_dir)
         self._ssl = ssl.create_default_context(cafile=str(self.ca_file))
@@ -457,6 +461,14 @@ class ControlPlane:
                 f"--tls-private-key-file={pki / 'apiserver.key'}",
                 f"--client-ca-file={pki / 'ca.crt'}",
                 f"--token-auth-file={pki / 'tokens.csv'}",
+                # Published in kube-system/extension-apiserver-authentication; without it the
+                # controller-manager and scheduler log "missing content for CA bundle" forever.
+                # No cert with this CN is ever issued: nothing can use the front-proxy path.
+                f"--requestheader-client-ca-file={pki / 'ca.crt'}",
+                "--requestheader-allowed-names=front-proxy-client",
+                "--requestheader-username-headers=X-Remote-User",
+                "--requestheader-group-headers=X-Remote-Group",
+                "--requestheader-extra-headers-prefix=X-Remote-Extra-",
                 "--authorization-mode=Node,RBAC",
                 f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
                 f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
@@ -591,6 +603,8 @@ class ControlPlane:
                     {"type": "InternalIP", "address": "127.0.0.1"},
                     {"type": "Hostname", "address": self.node_name},
                 ],
+                # Otherwise kwok reports "kwok-<version>", which is not a Kubernetes version.
+                "nodeInfo": {"kubeletVersion": build.KUBERNETES_VERSION},
             },
         }
         self._request("POST", "/api/v1/nodes", node)
@@ -684,7 +698,8 @@ class ControlPlane:
                 ctx.verify_mode = ssl.CERT_NONE
         try:
             with urllib.request.urlopen(req, timeout=5, context=ctx) as resp:
-                return resp.status == 200
+                status: int = resp.status
+                return status == 200
         except urllib.error.HTTPError:
             return False
 

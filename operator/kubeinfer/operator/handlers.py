@@ -4,14 +4,15 @@ Choices for a real cluster:
 * one operator replica (the chart uses `strategy: Recreate`) running standalone, without kopf's
   peering: simpler RBAC and no peering CRD; a crashed operator is restarted by its Deployment and
   resumes every model (`on.resume`), and models keep serving meanwhile;
-* no finalizers: children carry ownerReferences, so the garbage collector deletes them, and deleting a
-  model never blocks on the operator being up;
+* no finalizers (no delete handlers, no kopf timers): children carry ownerReferences, so the
+  garbage collector deletes them, and deleting a model never blocks on the operator being up;
 * kopf's bookkeeping lives in `kubeinfer.io/` annotations, never in `status` (the CRD declares every
   status field, and the apiserver would prune kopf's).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from typing import Any
@@ -42,10 +43,13 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo.api_cm = kube.api_client()
     memo.api = await memo.api_cm.__aenter__()
     memo.locks = Locks()
+    memo.namespaces = [n for n in os.environ.get("KUBEINFER_NAMESPACES", "").split(",") if n]
+    memo.refresher = asyncio.create_task(_refresh_forever(memo))
 
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    memo.refresher.cancel()
     await memo.api_cm.__aexit__(None, None, None)
 
 
@@ -72,10 +76,19 @@ async def model_changed(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, *
     logger.info("reconciled: applied %s", ", ".join(result.applied) or "nothing")
 
 
-@kopf.timer(*MODEL, interval=REFRESH_SECONDS, initial_delay=REFRESH_SECONDS)
-async def refresh(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """Periodic pass: notices what no watched object announces (crash loops, a remote key Secret)."""
-    await _run(body, memo)
+async def _refresh_forever(memo: kopf.Memo) -> None:
+    """Periodic pass over every model: notices what no watched object announces (crash loops, a
+    remote model's key Secret). One operator-wide loop rather than kopf timers, because kopf puts a
+    finalizer on every object that has a timer, and deleting a model must not wait for the operator."""
+    log = logging.getLogger("kubeinfer.refresh")
+    while True:
+        await asyncio.sleep(REFRESH_SECONDS)
+        try:
+            for body in await kube.list_models(memo.api, memo.namespaces):
+                if not body.get("metadata", {}).get("deletionTimestamp"):
+                    await _run(body, memo)
+        except Exception:  # keep refreshing whatever one pass hit; kopf handlers still run
+            log.exception("refresh pass failed")
 
 
 @kopf.on.delete(*MODEL, optional=True)
