@@ -62,9 +62,16 @@ test-all: control-plane ## every tier that exists: unit, vLLM parser, k8s
 	$(PY) -m pytest -q
 
 .PHONY: demo
-demo: install ## render every example and print its GPU-memory estimate
+demo: install control-plane ## local control plane + operator + the tiny model, to Ready (then tears down)
+	$(VENV)/bin/kubeinfer demo -f examples/tiny-gguf-cpu.yaml
+
+.PHONY: estimates
+estimates: install ## print the GPU-memory estimate of every example
 	@for f in examples/*.yaml; do $(VENV)/bin/kubeinfer estimate -f $$f; done
-	$(VENV)/bin/kubeinfer render -f examples/tiny-gguf-cpu.yaml
+
+.PHONY: bench-operator
+bench-operator: install control-plane ## 200 models applied at once: time to every Deployment, operator memory
+	$(VENV)/bin/kubeinfer bench operator --models 200 --json
 
 .PHONY: ci
 ci: ## what CI runs

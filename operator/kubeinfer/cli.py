@@ -126,6 +126,37 @@ def cmd_operator(args: argparse.Namespace) -> int:
     return 0
 
 
+def _state_dir(path: str | None) -> Path:
+    if path:
+        return Path(path)
+    from kubeinfer.devcluster.build import cache_root
+
+    return cache_root() / "local"
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from kubeinfer.devcluster.local import demo
+
+    manifest = Path(args.file)
+    if not manifest.is_file():
+        raise CLIError(f"{manifest}: no such file")
+    return demo(manifest, _state_dir(args.state_dir), keep=args.keep)
+
+
+def cmd_bench_operator(args: argparse.Namespace) -> int:
+    import json
+
+    from kubeinfer.devcluster.local import bench_operator
+
+    result = bench_operator(args.models, args.concurrency, _state_dir(args.state_dir), timeout=args.timeout)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:32} {value}")
+    return 0 if result["deployments"] == args.models else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kubeinfer", description="Kubernetes operator and gateway for LLMs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -162,6 +193,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refresh-seconds", type=float, help="period of the status refresh pass (default 60)")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=cmd_operator)
+
+    p = sub.add_parser("demo", help="local control plane + operator + a tiny model, to Ready")
+    p.add_argument("-f", "--file", default="examples/tiny-gguf-cpu.yaml", help="the LLMModel to apply")
+    p.add_argument("--state-dir", help="where the control plane keeps its state (default: cache dir)")
+    p.add_argument("--keep", action="store_true", help="keep everything running until Ctrl-C")
+    p.set_defaults(func=cmd_demo)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    p = bench.add_parser("operator", help="N models applied at once: time until every Deployment exists")
+    p.add_argument("--models", type=int, default=200)
+    p.add_argument("--concurrency", type=int, default=50, help="parallel creates")
+    p.add_argument("--timeout", type=float, default=120)
+    p.add_argument("--state-dir")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench_operator)
     return parser
 
 

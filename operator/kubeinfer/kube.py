@@ -10,7 +10,9 @@ fields we set, a no-op apply writes nothing (so watching our own children cannot
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -142,3 +144,103 @@ async def patch_model_status(
         contract.GROUP, contract.VERSION, namespace, contract.PLURAL, name, {"status": status},
         _content_type=MERGE,  # type: ignore[call-arg]  # the client would send a dict as json-patch
     )  # fmt: skip
+
+
+async def install_crd(api: client.ApiClient, body: Any, timeout: float = 60) -> None:
+    """Create or update the CRD and wait until it is Established and its API is served."""
+    ext = client.ApiextensionsV1Api(api)
+    name = body["metadata"]["name"]
+    try:
+        await ext.create_custom_resource_definition(body)
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+        await ext.patch_custom_resource_definition(
+            name,
+            body,
+            field_manager=FIELD_MANAGER,
+            force=True,
+            _content_type=APPLY,  # type: ignore[call-arg]
+        )
+    deadline = time.monotonic() + timeout
+    while True:
+        obj = await ext.read_custom_resource_definition(name)
+        if any(c.type == "Established" and c.status == "True" for c in obj.status.conditions or []):
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"CRD {name} not Established: {obj.status}")
+        await asyncio.sleep(0.25)
+    objs = client.CustomObjectsApi(api)
+    while True:  # discovery can lag Established by a moment
+        try:
+            await objs.list_cluster_custom_object(contract.GROUP, contract.VERSION, contract.PLURAL)
+            return
+        except ApiException:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.25)
+
+
+async def ensure_namespace(api: client.ApiClient, name: str) -> None:
+    try:
+        body: Any = {"metadata": {"name": name}}
+        await client.CoreV1Api(api).create_namespace(body)
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+
+
+async def create_model(api: client.ApiClient, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+    out = await client.CustomObjectsApi(api).create_namespaced_custom_object(
+        contract.GROUP, contract.VERSION, namespace, contract.PLURAL, body
+    )
+    return dict(out)
+
+
+async def apply_model(api: client.ApiClient, body: dict[str, Any]) -> None:
+    """Server-side apply an LLMModel, as `kubectl apply --server-side` would."""
+    meta = body["metadata"]
+    await client.CustomObjectsApi(api).patch_namespaced_custom_object(
+        contract.GROUP, contract.VERSION, meta["namespace"], contract.PLURAL, meta["name"], body,
+        field_manager="kubeinfer-cli", force=True, _content_type=APPLY,  # type: ignore[call-arg]
+    )  # fmt: skip
+
+
+async def ensure_local_claim(api: client.ApiClient, namespace: str, claim: str, size: str = "1Gi") -> None:
+    """A PersistentVolumeClaim pre-bound to a hostPath volume, for pvc:// models on a local cluster."""
+    core = client.CoreV1Api(api)
+    pv_name = f"kubeinfer-{namespace}-{claim}"
+    pv: Any = {
+        "metadata": {"name": pv_name},
+        "spec": {
+            "capacity": {"storage": size}, "accessModes": ["ReadOnlyMany", "ReadWriteOnce"],
+            "storageClassName": "", "hostPath": {"path": f"/var/lib/kubeinfer/{claim}"},
+            "claimRef": {"namespace": namespace, "name": claim},
+        },
+    }  # fmt: skip
+    pvc: Any = {
+        "metadata": {"name": claim},
+        "spec": {"accessModes": ["ReadOnlyMany"], "storageClassName": "", "volumeName": pv_name,
+                 "resources": {"requests": {"storage": size}}},
+    }  # fmt: skip
+    for call in (
+        lambda: core.create_persistent_volume(pv),
+        lambda: core.create_namespaced_persistent_volume_claim(namespace, pvc),
+    ):
+        try:
+            await call()
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+
+
+async def watch_deployment_names(api: client.ApiClient, namespace: str, seen: dict[str, float]) -> None:
+    """Record, by name, when each Deployment in `namespace` is first seen (for benchmarks)."""
+    from kubernetes_asyncio import watch
+
+    apps = client.AppsV1Api(api)
+    while True:
+        w = watch.Watch()
+        async for event in w.stream(apps.list_namespaced_deployment, namespace, timeout_seconds=300):
+            name = event["object"].metadata.name
+            seen.setdefault(name, time.monotonic())

@@ -106,3 +106,14 @@ def test_transition_times_and_change_detection():
     assert ready["lastTransitionTime"] == "2026-11-22T02:00:00Z"
     assert fit["lastTransitionTime"] == NOW
     assert status_changed(first, down)
+
+
+def test_partial_pass_keeps_pod_verdict_until_replicas_are_ready():
+    m = _model(CPU)
+    pods = [{"metadata": {"name": "p1"}, "status": {"containerStatuses": [
+        {"state": {"waiting": {"reason": "ImagePullBackOff", "message": "no such image"}}}]}}]  # fmt: skip
+    full = compute_status(m, estimate(m.spec), Observed(_dep(2, 0, 2), pods=pods), None, NOW)
+    partial = compute_status(m, estimate(m.spec), Observed(_dep(2, 1, 2), pods=None), full, NOW)
+    assert conds(partial)["Degraded"] == ("True", "ReplicasFailing")
+    healed = compute_status(m, estimate(m.spec), Observed(_dep(2, 2, 2), pods=None), partial, NOW)
+    assert conds(healed)["Degraded"] == ("False", "AsExpected")

@@ -38,11 +38,11 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     )
     settings.posting.level = logging.INFO
     settings.watching.server_timeout = 300
-    settings.batching.worker_limit = 64
     memo.config = load_config(os.environ.get("KUBEINFER_CONFIG") or None)
     memo.api_cm = kube.api_client()
     memo.api = await memo.api_cm.__aenter__()
     memo.locks = Locks()
+    memo.last_status = {}
     memo.namespaces = [n for n in os.environ.get("KUBEINFER_NAMESPACES", "").split(",") if n]
     memo.refresher = asyncio.create_task(_refresh_forever(memo))
 
@@ -60,10 +60,17 @@ def _emit(body: Any, result: Result) -> None:
         kopf.event(body, type=kind, reason=reason, message=f"{type_}={status}: {message}"[:1024])
 
 
-async def _run(body: Any, memo: kopf.Memo) -> Result:
+async def _run(body: Any, memo: kopf.Memo, deployment: dict[str, Any] | None = None) -> Result:
     meta = body["metadata"]
-    async with memo.locks.get(meta["namespace"], meta["name"]):
-        result: Result = await reconcile(memo.api, dict(body), memo.config)
+    key = (meta["namespace"], meta["name"])
+    async with memo.locks.get(*key):
+        # The status we wrote last is newer than the one in a body from the index or a queued event.
+        last = memo.last_status.get(key)
+        previous = last[1] if last and last[0] == meta.get("generation") else None
+        result: Result = await reconcile(
+            memo.api, dict(body), memo.config, deployment=deployment, previous=previous
+        )
+        memo.last_status[key] = (meta.get("generation"), result.status)
     _emit(body, result)
     return result
 
@@ -95,16 +102,33 @@ async def _refresh_forever(memo: kopf.Memo) -> None:
 async def model_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     # optional=True: no finalizer; this only drops the lock. The garbage collector removes children.
     memo.locks.forget(body["metadata"]["namespace"], body["metadata"]["name"])
+    memo.last_status.pop((body["metadata"]["namespace"], body["metadata"]["name"]), None)
+
+
+@kopf.index(*MODEL)
+def models(
+    namespace: str | None, name: str, body: kopf.Body, **_: Any
+) -> dict[tuple[str | None, str], dict[str, Any]]:
+    """In-memory index of models, so a Deployment event needs no API call to find its owner."""
+    return {(namespace, name): dict(body)}
 
 
 @kopf.on.event("apps", "v1", "deployments", labels={contract.LABEL_MANAGED_BY: contract.MANAGED_BY})
-async def child_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+async def child_changed(
+    body: kopf.Body, event: kopf.RawEvent, memo: kopf.Memo, logger: kopf.Logger, **kwargs: Any
+) -> None:
     """A Deployment of ours changed (rollout progress, drift, deletion): reconcile its model."""
     owner = (body.get("metadata", {}).get("labels") or {}).get(contract.LABEL_MODEL)
     ns = body.get("metadata", {}).get("namespace")
     if not owner or not ns:
         return
-    model = await kube.get_model(memo.api, ns, owner)
+    index: kopf.Index[tuple[str, str], dict[str, Any]] = kwargs["models"]  # the index above, by name
+    store = index.get((ns, owner))
+    model = next(iter(store), None) if store is not None else None
     if model is None or model.get("metadata", {}).get("deletionTimestamp"):
         return
-    await _run(model, memo)
+    # A deleted Deployment is re-created by a full pass; otherwise only its drift is repaired.
+    deployment = None if event.get("type") == "DELETED" else dict(event["object"])
+    result = await _run(model, memo, deployment)
+    if result.applied:
+        logger.info("re-applied %s of model %s/%s (drift or deletion)", ", ".join(result.applied), ns, owner)

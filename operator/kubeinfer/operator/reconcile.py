@@ -67,8 +67,41 @@ def parse_body(body: dict[str, Any]) -> LLMModel:
     )
 
 
-async def reconcile(api: client.ApiClient, body: dict[str, Any], config: RenderConfig) -> Result:
-    previous = dict(body.get("status") or {})
+def drifted(desired: Any, observed: Any) -> bool:
+    """True unless every field we set has the same value in the observed object.
+
+    The apiserver adds defaults (and other managers may add fields) that we leave alone, so the
+    observed object is compared as a superset; lists must match element by element.
+    """
+    if isinstance(desired, dict):
+        if not isinstance(observed, dict):
+            return True
+        return any(drifted(v, observed.get(k)) for k, v in desired.items())
+    if isinstance(desired, list):
+        if not isinstance(observed, list) or len(desired) != len(observed):
+            return True
+        return any(drifted(d, o) for d, o in zip(desired, observed, strict=True))
+    return bool(desired != observed)
+
+
+async def reconcile(
+    api: client.ApiClient,
+    body: dict[str, Any],
+    config: RenderConfig,
+    *,
+    deployment: dict[str, Any] | None = None,
+    previous: dict[str, Any] | None = None,
+) -> Result:
+    """Apply what the model needs and write its status.
+
+    With `deployment` (a watch event of the model's Deployment) only a drifted Deployment is
+    re-applied; otherwise every child is applied. Server-side apply of an unchanged object writes
+    nothing, but it still costs a request, and a rollout produces many Deployment events; for the
+    same reason pods are only listed (to explain missing replicas) on full passes.
+    `previous` is the status this operator last wrote, when it is newer than the body's.
+    """
+    if previous is None:
+        previous = dict(body.get("status") or {})
     meta = body["metadata"]
     ns, name = meta["namespace"], meta["name"]
     child = contract.child_name(name)
@@ -88,6 +121,7 @@ async def reconcile(api: client.ApiClient, body: dict[str, Any], config: RenderC
 
     est = estimate(model.spec)
     applied: list[str] = []
+    full = deployment is None
     if model.spec.remote is not None:
         # A model switched from pods to remote keeps no pods.
         await kube.delete_children(api, ns, child, ALL_CHILDREN)
@@ -96,14 +130,23 @@ async def reconcile(api: client.ApiClient, body: dict[str, Any], config: RenderC
         observed = Observed(remote_secret_ok=ok)
     else:
         fits = est.fits is not False or model.spec.resources.skip_fit_check
-        if fits:
+        if fits and deployment is not None:
+            desired = render(model, config)[0]
+            if drifted(desired, deployment):
+                deployment = await kube.apply(api, desired)
+                applied.append("Deployment")
+        elif fits:
             for obj in render(model, config):
-                await kube.apply(api, obj)
+                out = await kube.apply(api, obj)
                 applied.append(obj["kind"])
+                if obj["kind"] == "Deployment":
+                    deployment = out
             if "PodDisruptionBudget" not in applied:
                 await kube.delete_children(api, ns, child, ("PodDisruptionBudget",))
-        deployment = await kube.get_deployment(api, ns, child)
-        pods = await kube.list_model_pods(api, ns, name)
+        if deployment is None:
+            deployment = await kube.get_deployment(api, ns, child)
+        ready = int(((deployment or {}).get("status") or {}).get("readyReplicas") or 0)
+        pods = await kube.list_model_pods(api, ns, name) if full and ready < model.spec.replicas else None
         observed = Observed(deployment=deployment, pods=pods, applied=fits, spec_hash=spec_hash(model))
 
     status = compute_status(model, est, observed, previous, now_iso())

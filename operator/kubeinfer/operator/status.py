@@ -30,7 +30,7 @@ class Observed:
     """What the reconciler saw: the Deployment (or None), the model's pods, remote key presence."""
 
     deployment: dict[str, Any] | None = None
-    pods: list[dict[str, Any]] = field(default_factory=list)
+    pods: list[dict[str, Any]] | None = field(default_factory=list)  # None: not listed this pass
     remote_secret_ok: bool | None = None
     applied: bool = True  # False when the spec was held back (does not fit)
     spec_hash: str | None = None
@@ -144,7 +144,15 @@ def compute_status(
             _cond("Progressing", "False", "Complete", f"{ready}/{desired} replicas on the current spec")
         )
 
-    problems = _pod_problems(observed.pods)
+    if observed.pods is None:
+        # Pods were not read on this pass: keep the last verdict while replicas are still missing.
+        last: dict[str, Any] = next(
+            (c for c in (previous or {}).get("conditions") or [] if c.get("type") == "Degraded"), {}
+        )
+        failing = last.get("status") == "True" and last.get("reason") == "ReplicasFailing" and ready < desired
+        problems = [m for m in str(last.get("message", "")).split("; ") if m] if failing else []
+    else:
+        problems = _pod_problems(observed.pods)
     if deadline_exceeded:
         problems.append("rollout exceeded its progress deadline")
     if problems:

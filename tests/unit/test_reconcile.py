@@ -1,0 +1,60 @@
+"""Pure parts of the reconciler: drift detection and body parsing."""
+
+from __future__ import annotations
+
+import copy
+
+from kubeinfer.operator.reconcile import drifted, parse_body
+from kubeinfer.render.config import load_config
+from kubeinfer.render.manifests import render
+from kubeinfer.validation import parse_model
+from tests.cases import FULL_VLLM, manifest
+
+
+def _desired():
+    doc = manifest("m", FULL_VLLM)
+    doc["metadata"].update(namespace="ml", uid="u1")
+    return render(parse_model(doc), load_config())[0]
+
+
+def _as_served(desired):
+    """What the apiserver returns: our fields plus defaults and status."""
+    observed = copy.deepcopy(desired)
+    observed["metadata"].update(resourceVersion="7", generation=1, managedFields=[{"manager": "x"}])
+    observed["status"] = {"replicas": 2}
+    pod = observed["spec"]["template"]["spec"]
+    pod["dnsPolicy"] = "ClusterFirst"
+    c = pod["containers"][0]
+    c["terminationMessagePath"] = "/dev/termination-log"
+    c["readinessProbe"]["successThreshold"] = 1
+    return observed
+
+
+def test_server_defaults_are_not_drift():
+    desired = _desired()
+    assert not drifted(desired, _as_served(desired))
+
+
+def test_edits_to_our_fields_are_drift():
+    desired = _desired()
+    for mutate in (
+        lambda o: o["spec"].update(replicas=5),
+        lambda o: o["spec"]["template"]["spec"]["containers"][0]["args"].append("--bogus"),
+        lambda o: o["spec"]["template"]["spec"]["containers"][0]["env"].pop(),
+        lambda o: o["spec"]["template"]["metadata"]["labels"].pop("kubeinfer.io/spec-hash"),
+    ):
+        observed = _as_served(desired)
+        mutate(observed)
+        assert drifted(desired, observed)
+
+
+def test_parse_body_ignores_status_and_server_metadata():
+    body = {
+        "apiVersion": "kubeinfer.io/v1alpha1", "kind": "LLMModel",
+        "metadata": {"name": "m", "namespace": "ml", "uid": "u", "generation": 3, "resourceVersion": "9",
+                     "managedFields": [], "annotations": {"kubeinfer.io/last-handled-configuration": "{}"}},
+        "spec": {"model": {"source": "hf://o/m"}},
+        "status": {"conditions": [], "unknownFromOlderVersion": 1},
+    }  # fmt: skip
+    model = parse_body(body)
+    assert (model.name, model.namespace, model.metadata.generation) == ("m", "ml", 3)
