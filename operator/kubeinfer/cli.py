@@ -100,7 +100,6 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 def cmd_operator(args: argparse.Namespace) -> int:
     import asyncio
-    import logging
     import os
 
     import kopf
@@ -114,9 +113,8 @@ def cmd_operator(args: argparse.Namespace) -> int:
     os.environ["KUBEINFER_NAMESPACES"] = ",".join(namespaces)
     import kubeinfer.operator.handlers  # noqa: F401  (registers the handlers)
 
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s"
-    )
+    # kopf's own log setup: timestamps, level and the object each line is about.
+    kopf.configure(verbose=args.verbose, log_prefix=True)
     liveness = f"http://{args.liveness_host}:{args.liveness_port}/healthz" if args.liveness_port else None
     asyncio.run(
         kopf.operator(

@@ -213,6 +213,23 @@ async def test_scale_subresource_scales_the_deployment(api, wait_for):
         assert pdb.spec.max_unavailable == 1
         scale = await client.CustomObjectsApi(api).get_namespaced_custom_object_scale(G, V, NS, P, name)
         assert scale["status"]["replicas"] == 3
+
+        # Back to one replica: the PodDisruptionBudget goes (it would block draining the node).
+        await client.CustomObjectsApi(api).patch_namespaced_custom_object_scale(
+            G, V, NS, P, name, {"spec": {"replicas": 1}}, _content_type=MERGE
+        )
+
+        async def pdb_gone():
+            try:
+                await client.PolicyV1Api(api).read_namespaced_pod_disruption_budget(
+                    contract.child_name(name), NS
+                )
+                return False
+            except ApiException as exc:
+                return exc.status == 404
+
+        await wait_for(pdb_gone, timeout=30, what="PodDisruptionBudget deleted")
+        await wait_for(await _ready(api, name, want_ready=1), timeout=60, what="1 ready replica")
     finally:
         await _delete(api, name)
 

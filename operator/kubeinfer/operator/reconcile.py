@@ -141,12 +141,18 @@ async def reconcile(
                 applied.append(obj["kind"])
                 if obj["kind"] == "Deployment":
                     deployment = out
-            if "PodDisruptionBudget" not in applied:
+            # A PodDisruptionBudget exists only while replicas > 1; the last status tells if it was.
+            if "PodDisruptionBudget" not in applied and int(previous.get("replicas") or 0) > 1:
                 await kube.delete_children(api, ns, child, ("PodDisruptionBudget",))
         if deployment is None:
             deployment = await kube.get_deployment(api, ns, child)
-        ready = int(((deployment or {}).get("status") or {}).get("readyReplicas") or 0)
-        pods = await kube.list_model_pods(api, ns, name) if full and ready < model.spec.replicas else None
+        dstatus = (deployment or {}).get("status") or {}
+        # Pods are listed only to explain replicas that exist but are not ready.
+        missing = (
+            int(dstatus.get("readyReplicas") or 0) < model.spec.replicas
+            and int(dstatus.get("replicas") or 0) > 0
+        )
+        pods = await kube.list_model_pods(api, ns, name) if full and missing else None
         observed = Observed(deployment=deployment, pods=pods, applied=fits, spec_hash=spec_hash(model))
 
     status = compute_status(model, est, observed, previous, now_iso())
