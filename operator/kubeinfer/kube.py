@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -39,22 +40,40 @@ async def load_client_config(kubeconfig: str | None = None) -> client.Configurat
 @contextlib.asynccontextmanager
 async def api_client(cfg: client.Configuration | None = None) -> AsyncIterator[client.ApiClient]:
     async with client.ApiClient(configuration=cfg or await load_client_config()) as api:
+        # kubernetes_asyncio's aiohttp session trusts the environment, which makes aiohttp look up
+        # ~/.netrc in a worker thread on every request: measurable under load, useless in a pod.
+        session = getattr(api.rest_client, "pool_manager", None)
+        if session is not None and hasattr(session, "_trust_env"):
+            session._trust_env = False
         yield api
 
 
-def _plain(api: client.ApiClient, obj: Any) -> dict[str, Any]:
-    if obj is None:
-        return {}
-    if isinstance(obj, dict):
-        return obj
-    result: dict[str, Any] = api.sanitize_for_serialization(obj)
-    return result
+# Responses are read as plain JSON: the client's model (de)serialization costs more CPU than the
+# request itself, and the rest of kubeinfer works on dicts anyway.
+RAW: dict[str, Any] = {"_preload_content": False}
+
+
+async def _json(resp: Any) -> dict[str, Any]:
+    """Body of a raw aiohttp response (what `_preload_content=False` returns).
+
+    The client skips its status check for raw responses, so it is done here, raising the same
+    ApiException (status, reason, body) callers already handle.
+    """
+    async with resp:
+        raw = await resp.read()
+    if not 200 <= resp.status <= 299:
+        exc = ApiException(status=resp.status, reason=resp.reason)
+        exc.body = raw.decode(errors="replace")
+        exc.headers = resp.headers
+        raise exc
+    data: dict[str, Any] = json.loads(raw)
+    return data
 
 
 async def apply(api: client.ApiClient, obj: dict[str, Any]) -> dict[str, Any]:
     """Server-side apply one namespaced child (Deployment, Service or PodDisruptionBudget)."""
     name, ns, kind = obj["metadata"]["name"], obj["metadata"]["namespace"], obj["kind"]
-    kw: dict[str, Any] = {"field_manager": FIELD_MANAGER, "force": True, "_content_type": APPLY}
+    kw: dict[str, Any] = {"field_manager": FIELD_MANAGER, "force": True, "_content_type": APPLY, **RAW}
     out: Any
     if kind == "Deployment":
         out = await client.AppsV1Api(api).patch_namespaced_deployment(name, ns, obj, **kw)
@@ -64,7 +83,7 @@ async def apply(api: client.ApiClient, obj: dict[str, Any]) -> dict[str, Any]:
         out = await client.PolicyV1Api(api).patch_namespaced_pod_disruption_budget(name, ns, obj, **kw)
     else:
         raise ValueError(f"kubeinfer does not apply {kind}")
-    return _plain(api, out)
+    return await _json(out)
 
 
 async def delete_children(
@@ -89,7 +108,7 @@ async def delete_children(
 
 async def get_deployment(api: client.ApiClient, namespace: str, name: str) -> dict[str, Any] | None:
     try:
-        return _plain(api, await client.AppsV1Api(api).read_namespaced_deployment(name, namespace))
+        return await _json(await client.AppsV1Api(api).read_namespaced_deployment(name, namespace, **RAW))
     except ApiException as exc:
         if exc.status == 404:
             return None
@@ -98,8 +117,8 @@ async def get_deployment(api: client.ApiClient, namespace: str, name: str) -> di
 
 async def list_model_pods(api: client.ApiClient, namespace: str, model: str) -> list[dict[str, Any]]:
     selector = ",".join(f"{k}={v}" for k, v in contract.selector_labels(model).items())
-    pods = await client.CoreV1Api(api).list_namespaced_pod(namespace, label_selector=selector)
-    return [_plain(api, p) for p in pods.items]
+    pods = await client.CoreV1Api(api).list_namespaced_pod(namespace, label_selector=selector, **RAW)
+    return list((await _json(pods)).get("items", []))
 
 
 async def secret_exists(api: client.ApiClient, namespace: str, name: str, key: str | None = None) -> bool:
