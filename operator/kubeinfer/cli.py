@@ -146,7 +146,10 @@ def cmd_bench_operator(args: argparse.Namespace) -> int:
 
     from kubeinfer.devcluster.local import bench_operator
 
-    result = bench_operator(args.models, args.concurrency, _state_dir(args.state_dir), timeout=args.timeout)
+    result = bench_operator(
+        args.models, args.concurrency, _state_dir(args.state_dir), timeout=args.timeout,
+        controllers=not args.no_controllers,
+    )  # fmt: skip
     if args.json:
         print(json.dumps(result))
     else:
@@ -203,6 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", type=int, default=200)
     p.add_argument("--concurrency", type=int, default=50, help="parallel creates")
     p.add_argument("--timeout", type=float, default=120)
+    p.add_argument(
+        "--no-controllers",
+        action="store_true",
+        help="only etcd + apiserver (isolates the operator's latency)",
+    )
     p.add_argument("--state-dir")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_operator)

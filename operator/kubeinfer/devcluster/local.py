@@ -87,13 +87,19 @@ def _say(msg: str) -> None:
     print(f"[kubeinfer] {msg}", file=sys.stderr, flush=True)
 
 
-def _start_control_plane(state: Path) -> Any:
+def _start_control_plane(state: Path, controllers: bool = True) -> Any:
     from kubeinfer.devcluster.build import CONTROL_PLANE_COMPONENTS, ensure_binaries
     from kubeinfer.devcluster.controlplane import ControlPlane
 
     binaries = ensure_binaries([*CONTROL_PLANE_COMPONENTS, "kubectl"])
     state.mkdir(parents=True, exist_ok=True)
-    cp = ControlPlane(state / "controlplane", binaries=binaries)
+    cp = ControlPlane(
+        state / "controlplane",
+        binaries=binaries,
+        with_controllers=controllers,
+        with_scheduler=controllers,
+        with_kwok=controllers,
+    )
     cp.start()
     return cp
 
@@ -222,9 +228,14 @@ async def _bench(cp: Any, state: Path, models: int, concurrency: int, timeout: f
             op.stop()
 
 
-def bench_operator(models: int, concurrency: int, state: Path, timeout: float = 120) -> dict[str, Any]:
-    cp = _start_control_plane(state)
+def bench_operator(
+    models: int, concurrency: int, state: Path, timeout: float = 120, controllers: bool = True
+) -> dict[str, Any]:
+    """Without controllers only etcd and the apiserver run: that isolates the operator's own
+    latency from the controller-manager, scheduler and kwok sharing the same cores."""
+    cp = _start_control_plane(state, controllers)
     try:
-        return asyncio.run(_bench(cp, state, models, concurrency, timeout))
+        result = asyncio.run(_bench(cp, state, models, concurrency, timeout))
+        return {"controllers": controllers, "concurrency": concurrency, **result}
     finally:
         cp.stop()
