@@ -71,7 +71,9 @@ estimates: install ## print the GPU-memory estimate of every example
 
 .PHONY: bench-operator
 bench-operator: install control-plane ## 200 models applied at once: time to every Deployment, operator memory
-	$(VENV)/bin/kubeinfer bench operator --models 200 --json
+	$(VENV)/bin/kubeinfer bench operator --models 200 --concurrency 1 --json
+	$(VENV)/bin/kubeinfer bench operator --models 200 --concurrency 50 --json
+	$(VENV)/bin/kubeinfer bench operator --models 200 --concurrency 50 --no-controllers --json
 
 .PHONY: ci
 ci: ## what CI runs

@@ -117,3 +117,18 @@ def test_partial_pass_keeps_pod_verdict_until_replicas_are_ready():
     assert conds(partial)["Degraded"] == ("True", "ReplicasFailing")
     healed = compute_status(m, estimate(m.spec), Observed(_dep(2, 2, 2), pods=None), partial, NOW)
     assert conds(healed)["Degraded"] == ("False", "AsExpected")
+
+
+def test_events_only_for_news():
+    m = _model(CPU)
+    starting = compute_status(m, estimate(m.spec), Observed(_dep(0, 0, 0)), None, NOW)
+    assert transitions(None, starting) == []  # fits, not ready yet, not degraded: no Event
+    ready = compute_status(m, estimate(m.spec), Observed(_dep(2, 2, 2)), starting, NOW)
+    assert [t[:2] for t in transitions(starting, ready)] == [("Ready", "Available")]
+    rolling = compute_status(m, estimate(m.spec), Observed(_dep(3, 2, 1)), ready, NOW)
+    assert [t[:2] for t in transitions(ready, rolling)] == [("Progressing", "RollingOut")]
+    lost = compute_status(m, estimate(m.spec), Observed(_dep(2, 0, 2)), ready, NOW)
+    assert ("Ready", "NoReadyReplicas") in [t[:2] for t in transitions(ready, lost)]
+    big = _model({"model": {"source": "hf://o/m", "parameters": "70B"}, "resources": {"gpuType": "L4"}})
+    refused = compute_status(big, estimate(big.spec), Observed(None, applied=False), None, NOW)
+    assert ("ResourcesFit", "DoesNotFit") in [t[:2] for t in transitions(None, refused)]
