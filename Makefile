@@ -46,7 +46,7 @@ lint: ## ruff + mypy (strict on the pure core)
 	$(VENV)/bin/mypy
 
 .PHONY: test
-test: ## unit tier (no servers)
+test: install ## unit tier (no servers)
 	$(PY) -m pytest -q -m "not k8s and not engine and not e2e"
 
 .PHONY: control-plane
@@ -58,7 +58,7 @@ test-k8s: control-plane ## tests against a real local kube-apiserver
 	$(PY) -m pytest -q -m k8s
 
 .PHONY: test-all
-test-all: control-plane ## every tier that exists: unit, vLLM parser, k8s
+test-all: install control-plane ## every tier that exists: unit, vLLM parser, k8s
 	$(PY) -m pytest -q
 
 .PHONY: demo
