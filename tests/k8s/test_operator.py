@@ -102,6 +102,16 @@ def _cond(obj, type_):
     return {}
 
 
+@contextlib.asynccontextmanager
+async def created(api, doc):
+    """The model exists for the body of the `async with`, and is deleted after it."""
+    await _create(api, doc)
+    try:
+        yield doc
+    finally:
+        await _delete(api, doc["metadata"]["name"])
+
+
 async def _create(api, doc):
     return await client.CustomObjectsApi(api).create_namespaced_custom_object(G, V, NS, P, doc)
 
@@ -126,8 +136,7 @@ async def _ready(api, name, want_ready=1):
 
 async def test_create_renders_children_and_becomes_ready(api, wait_for):
     name = "tiny-a"
-    await _create(api, tiny(name))
-    try:
+    async with created(api, tiny(name)):
         dep = await wait_for(lambda: _deployment(api, name), timeout=30, what="Deployment")
         container = dep.spec.template.spec.containers[0]
         assert container.command == ["llama-server"]
@@ -152,14 +161,11 @@ async def test_create_renders_children_and_becomes_ready(api, wait_for):
             NS, field_selector=f"involvedObject.name={name}"
         )
         assert any(e.reason == "Available" for e in events.items), [e.reason for e in events.items]
-    finally:
-        await _delete(api, name)
 
 
 async def test_spec_change_rolls_out_then_ready(api, wait_for):
     name = "tiny-b"
-    await _create(api, tiny(name))
-    try:
+    async with created(api, tiny(name)):
         obj = await wait_for(await _ready(api, name), timeout=90, what="model Ready")
         old_hash = obj["status"]["specHash"]
         await client.CustomObjectsApi(api).patch_namespaced_custom_object(
@@ -189,14 +195,11 @@ async def test_spec_change_rolls_out_then_ready(api, wait_for):
         assert args[args.index("-c") + 1] == str(1024 * 4)
         assert dep.spec.template.metadata.labels[contract.LABEL_SPEC_HASH] == obj["status"]["specHash"]
         assert seen_progressing or obj["status"]["updatedReplicas"] == 1
-    finally:
-        await _delete(api, name)
 
 
 async def test_scale_subresource_scales_the_deployment(api, wait_for):
     name = "tiny-c"
-    await _create(api, tiny(name))
-    try:
+    async with created(api, tiny(name)):
         await wait_for(await _ready(api, name), timeout=90, what="model Ready")
         generation = (await _deployment(api, name)).spec.template.metadata.labels[contract.LABEL_SPEC_HASH]
         await client.CustomObjectsApi(api).patch_namespaced_custom_object_scale(
@@ -230,8 +233,6 @@ async def test_scale_subresource_scales_the_deployment(api, wait_for):
 
         await wait_for(pdb_gone, timeout=30, what="PodDisruptionBudget deleted")
         await wait_for(await _ready(api, name, want_ready=1), timeout=60, what="1 ready replica")
-    finally:
-        await _delete(api, name)
 
 
 async def test_delete_garbage_collects_children(api, wait_for):
@@ -258,8 +259,7 @@ async def test_model_that_does_not_fit_creates_no_pods(api, wait_for):
     doc = manifest(name, {"model": {"source": "hf://org/huge", "parameters": "405B"},
                           "resources": {"gpus": 1, "gpuType": "L4"}})  # fmt: skip
     doc["metadata"]["namespace"] = NS
-    await _create(api, doc)
-    try:
+    async with created(api, doc):
 
         async def refused():
             o = await _get(api, name)
@@ -282,14 +282,11 @@ async def test_model_that_does_not_fit_creates_no_pods(api, wait_for):
             G, V, NS, P, name, {"spec": {"resources": {"skipFitCheck": True}}}, _content_type=MERGE
         )
         await wait_for(lambda: _deployment(api, name), timeout=30, what="Deployment after override")
-    finally:
-        await _delete(api, name)
 
 
 async def test_drift_is_repaired(api, wait_for):
     name = "tiny-e"
-    await _create(api, tiny(name))
-    try:
+    async with created(api, tiny(name)):
         dep = await wait_for(lambda: _deployment(api, name), timeout=30, what="Deployment")
         want = list(dep.spec.template.spec.containers[0].args)
         patch = {"spec": {"template": {"spec": {"containers": [{"name": "engine", "args": ["--bogus"]}]}}}}
@@ -303,8 +300,6 @@ async def test_drift_is_repaired(api, wait_for):
         await client.AppsV1Api(api).delete_namespaced_deployment(contract.child_name(name), NS)
         await asyncio.sleep(0.5)
         await wait_for(repaired, timeout=30, what="Deployment recreated")
-    finally:
-        await _delete(api, name)
 
 
 async def test_remote_model_ready_when_secret_exists(api, wait_for):
@@ -336,8 +331,7 @@ async def test_remote_model_ready_when_secret_exists(api, wait_for):
 
 async def test_operator_restart_resumes_without_duplicates(api, wait_for, operator_process):
     name = "tiny-f"
-    await _create(api, tiny(name))
-    try:
+    async with created(api, tiny(name)):
         await wait_for(await _ready(api, name), timeout=90, what="model Ready")
         before = await _deployment(api, name)
         operator_process.restart()
@@ -357,15 +351,12 @@ async def test_operator_restart_resumes_without_duplicates(api, wait_for, operat
             NS, label_selector=f"{contract.LABEL_MODEL}={name}"
         )
         assert len(rs.items) == 1, "a restart must not cause a rollout"
-    finally:
-        await _delete(api, name)
 
 
 async def test_operator_status_fields_are_all_declared(api, wait_for):
     """What the operator writes survives the apiserver's pruning (compare with a server-side dry run)."""
     name = "tiny-g"
-    await _create(api, tiny(name))
-    try:
+    async with created(api, tiny(name)):
         obj = await wait_for(await _ready(api, name), timeout=90, what="model Ready")
         assert set(obj["status"]) >= {"conditions", "observedGeneration", "replicas", "readyReplicas",
                                       "updatedReplicas", "selector", "servedName", "endpoint", "specHash",
@@ -374,5 +365,3 @@ async def test_operator_status_fields_are_all_declared(api, wait_for):
         assert not any(k.startswith("kopf.zalando.org") for k in annotations), annotations
         assert "kopf" not in json.dumps(obj["status"])
         assert not obj["metadata"].get("finalizers")
-    finally:
-        await _delete(api, name)
