@@ -157,6 +157,30 @@ def cmd_bench_operator(args: argparse.Namespace) -> int:
     return 0 if result["deployments"] == args.models else 1
 
 
+def cmd_gateway(args: argparse.Namespace) -> int:
+    import prometheus_client
+    import uvicorn
+
+    from kubeinfer.gateway.app import GatewaySettings, create_app
+    from kubeinfer.gateway.registry import load_static
+
+    if not args.static:
+        raise CLIError("discovery from Kubernetes is not built yet: pass --static models.yaml")
+    if not Path(args.static).is_file():
+        raise CLIError(f"{args.static}: no such file")
+    try:
+        registry = load_static(args.static)
+    except Exception as exc:  # pydantic or YAML errors: one clear line
+        raise CLIError(f"{args.static}: {exc}") from None
+    settings = GatewaySettings(scrape_interval=args.scrape_interval, hold_timeout=args.hold_timeout)
+    metrics = prometheus_client.CollectorRegistry()
+    if args.metrics_port:  # the same registry is also served at /metrics on the API port
+        prometheus_client.start_http_server(args.metrics_port, registry=metrics)
+    app = create_app(registry, settings, metrics=metrics)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kubeinfer", description="Kubernetes operator and gateway for LLMs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -193,6 +217,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refresh-seconds", type=float, help="period of the status refresh pass (default 60)")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=cmd_operator)
+
+    p = sub.add_parser("gateway", help="run the OpenAI-compatible gateway")
+    p.add_argument("--static", help="static discovery file (models and replica addresses)")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--metrics-port", type=int, default=0, help="also serve /metrics on this port")
+    p.add_argument("--scrape-interval", type=float, default=1.0)
+    p.add_argument("--hold-timeout", type=float, default=30.0, help="seconds to wait for a ready replica")
+    p.set_defaults(func=cmd_gateway)
 
     p = sub.add_parser("demo", help="local control plane + operator + a tiny model, to Ready")
     p.add_argument("-f", "--file", default="examples/tiny-gguf-cpu.yaml", help="the LLMModel to apply")

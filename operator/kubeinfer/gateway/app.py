@@ -1,0 +1,315 @@
+"""The gateway: one OpenAI-compatible API over every ready replica (ASGI, Starlette + httpx).
+
+The request path: read the body (bounded), check it just enough to answer bad requests ourselves,
+pick a replica (`routing.choose`), and stream the upstream response through without buffering.
+Connection errors and 502/503/504 before the first byte are retried on another replica; a replica
+that fails mid-stream ends the stream with an SSE error event, since the status line was already sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from kubeinfer.gateway.registry import ModelEntry, Registry
+from kubeinfer.gateway.routing import Load, RouteRequest, choose, prefix_key
+from kubeinfer.gateway.scrape import ScrapeError, parse_metrics
+
+PROXIED = ("chat/completions", "completions", "embeddings", "responses", "messages")
+RETRY_STATUSES = {502, 503, 504}
+# Hop-by-hop and length headers are the proxy's own business on each side.
+_DROP_HEADERS = {"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te", "upgrade"}
+
+
+@dataclass
+class GatewaySettings:
+    max_body_bytes: int = 32 << 20
+    retries: int = 2
+    hold_timeout: float = 30.0
+    """How long a request waits for a ready replica of its model before 503."""
+    scrape_interval: float = 1.0
+    scrape_timeout: float = 0.5
+    connect_timeout: float = 5.0
+    read_timeout: float = 600.0
+
+
+@dataclass
+class State:
+    registry: Registry
+    settings: GatewaySettings
+    client: httpx.AsyncClient
+    loads: dict[str, Load] = field(default_factory=dict)
+    rr: dict[str, int] = field(default_factory=dict)
+    metrics: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        self._register()
+
+    def use_metrics(self, registry: CollectorRegistry) -> None:
+        """Register the gateway's metrics in `registry` (one the caller also serves elsewhere)."""
+        self.metrics = registry
+        self._register()
+
+    def _register(self) -> None:
+        self.requests = Counter(
+            "kubeinfer_gateway_requests", "Requests by model, replica and status code",
+            ["model", "replica", "code"], registry=self.metrics,
+        )  # fmt: skip
+        self.errors = Counter(
+            "kubeinfer_gateway_errors", "Errors answered by the gateway, by type", ["model", "type"],
+            registry=self.metrics,
+        )  # fmt: skip
+        self.retries = Counter("kubeinfer_gateway_retries", "Retries on another replica", ["model"],
+                               registry=self.metrics)  # fmt: skip
+        self.ttfb = Histogram(
+            "kubeinfer_gateway_time_to_first_byte_seconds", "Upstream time to first byte", ["model"],
+            registry=self.metrics,
+        )  # fmt: skip
+
+    def inflight(self, endpoint_id: str, delta: int) -> None:
+        load = self.loads.get(endpoint_id, Load())
+        self.loads[endpoint_id] = Load(max(0, load.inflight + delta), load.scraped, load.scraped_at)
+
+
+def error(
+    status: int, message: str, type_: str, param: str | None = None, code: str | None = None
+) -> JSONResponse:
+    """OpenAI's error envelope."""
+    return JSONResponse(
+        {"error": {"message": message, "type": type_, "param": param, "code": code}}, status_code=status
+    )
+
+
+def _has_image(body: dict[str, Any]) -> bool:
+    for message in body.get("messages") or []:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            for part in content:
+                if isinstance(part, dict) and part.get("type") in ("image_url", "image", "input_image"):
+                    return True
+    for item in body.get("input") or [] if isinstance(body.get("input"), list) else []:
+        content = item.get("content") if isinstance(item, dict) else None
+        if isinstance(content, list) and any(
+            isinstance(p, dict) and p.get("type") == "input_image" for p in content
+        ):
+            return True
+    return False
+
+
+async def _read_body(request: Request, limit: int) -> bytes | None:
+    """The body, or None if it exceeds `limit` (stops reading as soon as it does)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        return None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _pick(state: State, entry: ModelEntry, route: RouteRequest, tried: frozenset[str]) -> Any:
+    """A replica for the request, waiting up to hold_timeout for one to become ready."""
+    deadline = time.monotonic() + state.settings.hold_timeout
+    while True:
+        endpoints = state.registry.ready_endpoints(entry.name)
+        decision = choose(
+            entry.routing.strategy, endpoints, state.loads, route, now=time.monotonic(),
+            scrape_interval=state.settings.scrape_interval, rr_counter=state.rr.get(entry.name, 0),
+            target_inflight=entry.target_inflight, exclude=tried,
+        )  # fmt: skip
+        if decision is not None:
+            state.rr[entry.name] = state.rr.get(entry.name, 0) + 1
+            return next(e for e in endpoints if e.id == decision.endpoint_id)
+        if tried or time.monotonic() >= deadline:
+            return None
+        await asyncio.sleep(0.05)
+
+
+async def proxy(request: Request) -> Response:
+    state: State = request.app.state.gw
+    path = request.path_params["path"]
+    if path not in PROXIED:
+        return error(404, f"unknown endpoint /v1/{path}", "invalid_request_error", code="not_found")
+    raw = await _read_body(request, state.settings.max_body_bytes)
+    if raw is None:
+        return error(413, f"request body over {state.settings.max_body_bytes} bytes", "invalid_request_error",
+                     code="request_too_large")  # fmt: skip
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        return error(400, f"request body is not valid JSON: {exc}", "invalid_request_error")
+    if not isinstance(body, dict):
+        return error(400, "request body must be a JSON object", "invalid_request_error")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        return error(400, "you must provide a model parameter", "invalid_request_error", param="model")
+    entry = state.registry.resolve(model)
+    if entry is None:
+        state.errors.labels(model, "model_not_found").inc()
+        return error(404, f"The model `{model}` does not exist.", "invalid_request_error", param="model",
+                     code="model_not_found")  # fmt: skip
+    if not entry.accepts_images and _has_image(body):
+        state.errors.labels(entry.name, "modality_unsupported").inc()
+        return error(400, f"model `{model}` accepts text only", "invalid_request_error", param="messages",
+                     code="modality_unsupported")  # fmt: skip
+
+    route = RouteRequest(
+        model=entry.name, prefix_key=prefix_key(body),
+        session=request.headers.get(entry.routing.session_header) if entry.routing.session_header else None,
+    )  # fmt: skip
+    headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_HEADERS}
+    tried: frozenset[str] = frozenset()
+    last_error = "no ready replica"
+    for attempt in range(state.settings.retries + 1):
+        endpoint = await _pick(state, entry, route, tried)
+        if endpoint is None:
+            break
+        if attempt:
+            state.retries.labels(entry.name).inc()
+        tried = tried | {endpoint.id}
+        url = f"http://{endpoint.address}/v1/{path}"
+        state.inflight(endpoint.id, +1)
+        started = time.monotonic()
+        try:
+            upstream = await state.client.send(
+                state.client.build_request("POST", url, content=raw, headers=headers), stream=True
+            )
+        except httpx.HTTPError as exc:
+            state.inflight(endpoint.id, -1)
+            last_error = f"replica {endpoint.id}: {type(exc).__name__}"
+            continue
+        if upstream.status_code in RETRY_STATUSES and attempt < state.settings.retries:
+            await upstream.aclose()
+            state.inflight(endpoint.id, -1)
+            last_error = f"replica {endpoint.id} answered {upstream.status_code}"
+            continue
+        state.ttfb.labels(entry.name).observe(time.monotonic() - started)
+        state.requests.labels(entry.name, endpoint.id, str(upstream.status_code)).inc()
+        return _stream_back(state, endpoint.id, upstream)
+
+    state.errors.labels(entry.name, "no_replica" if not tried else "upstream").inc()
+    if not tried:
+        return error(503, f"no ready replica of `{model}` within {state.settings.hold_timeout:g}s",
+                     "service_unavailable", code="no_replica")  # fmt: skip
+    return error(502, f"upstream failure: {last_error}", "upstream_error", code="bad_gateway")
+
+
+def _stream_back(state: State, endpoint_id: str, upstream: httpx.Response) -> StreamingResponse:
+    is_sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            if upstream.is_stream_consumed:  # built in memory (a transport that returns whole bodies)
+                yield upstream.content
+            else:
+                async for chunk in upstream.aiter_raw():
+                    yield chunk
+        except httpx.HTTPError as exc:
+            # Too late for a status code: tell an SSE client in-band, as OpenAI's API does.
+            if is_sse:
+                err = {
+                    "error": {
+                        "message": f"replica failed mid-stream: {type(exc).__name__}",
+                        "type": "upstream_error", "param": None, "code": "stream_interrupted",
+                    }
+                }  # fmt: skip
+                yield f"data: {json.dumps(err)}\n\n".encode()
+            else:
+                raise
+        finally:
+            state.inflight(endpoint_id, -1)
+            await upstream.aclose()
+
+    headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _DROP_HEADERS}
+    headers["x-kubeinfer-replica"] = endpoint_id
+    return StreamingResponse(body(), status_code=upstream.status_code, headers=headers)
+
+
+async def list_models(request: Request) -> JSONResponse:
+    state: State = request.app.state.gw
+    data = [
+        {"id": public, "object": "model", "owned_by": "kubeinfer", "created": 0,
+         "root": entry.served_name, "engine": entry.engine, "modalities": list(entry.modalities)}
+        for entry, public in state.registry.listed()
+    ]  # fmt: skip
+    return JSONResponse({"object": "list", "data": data})
+
+
+async def healthz(request: Request) -> Response:
+    return Response("ok")
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    state: State = request.app.state.gw
+    return Response(generate_latest(state.metrics), media_type="text/plain; version=0.0.4")
+
+
+async def scrape_once(state: State) -> None:
+    """Scrape every replica's /metrics concurrently, each bounded by scrape_timeout."""
+
+    async def one(endpoint_id: str, address: str) -> None:
+        try:
+            resp = await state.client.get(f"http://{address}/metrics", timeout=state.settings.scrape_timeout)
+            stats = parse_metrics(resp.text)
+        except (httpx.HTTPError, ScrapeError):
+            return  # stale data ages out; own in-flight counts carry the routing meanwhile
+        load = state.loads.get(endpoint_id, Load())
+        state.loads[endpoint_id] = Load(load.inflight, stats, time.monotonic())
+
+    endpoints = [e for eps in state.registry.endpoints.values() for e in eps if e.ready]
+    await asyncio.gather(*(one(e.id, e.address) for e in endpoints))
+
+
+def create_app(
+    registry: Registry,
+    settings: GatewaySettings | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+    metrics: CollectorRegistry | None = None,
+) -> Starlette:
+    """The ASGI app. `transport` replaces the network (tests use an in-memory one)."""
+    settings = settings or GatewaySettings()
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=60)
+    timeout = httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with httpx.AsyncClient(transport=transport, limits=limits, timeout=timeout) as client:
+            state = State(
+                registry=registry, settings=settings, client=client, metrics=metrics or CollectorRegistry()
+            )
+            app.state.gw = state
+
+            async def scraper() -> None:
+                while True:
+                    await scrape_once(state)
+                    await asyncio.sleep(settings.scrape_interval)
+
+            task = asyncio.create_task(scraper())
+            try:
+                yield
+            finally:
+                task.cancel()
+
+    routes = [
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/{path:path}", proxy, methods=["POST"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", healthz, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan)

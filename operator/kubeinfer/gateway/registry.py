@@ -1,0 +1,112 @@
+"""What the gateway serves: models (by served name and alias) and their replicas.
+
+Discovery (static YAML now; the Kubernetes watch fills the same structure) writes it; the request
+path only reads it. Pure data, no I/O except `load_static`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from kubeinfer.api.v1alpha1 import Routing
+from kubeinfer.gateway.routing import Endpoint
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+
+
+class StaticModel(_Base):
+    name: str
+    served_name: str | None = None
+    aliases: list[str] = Field(default_factory=list)
+    engine: Literal["vllm", "llama-server"] = "vllm"
+    modalities: list[Literal["text", "image"]] = Field(default=["text"])
+    routing: Routing = Field(default_factory=Routing)
+    max_num_seqs: int | None = None
+    endpoints: list[str] = Field(default_factory=list)
+    """host:port of each replica."""
+
+
+class StaticDiscovery(_Base):
+    models: list[StaticModel]
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    served_name: str
+    aliases: tuple[str, ...] = ()
+    engine: str = "vllm"
+    modalities: tuple[str, ...] = ("text",)
+    routing: Routing = field(default_factory=Routing)
+    max_num_seqs: int | None = None
+
+    @property
+    def target_inflight(self) -> int:
+        return self.routing.target_inflight or self.max_num_seqs or 32
+
+    @property
+    def accepts_images(self) -> bool:
+        return "image" in self.modalities
+
+
+class Registry:
+    """Models and replicas. Replaced wholesale per model by discovery; read by requests."""
+
+    def __init__(self) -> None:
+        self.models: dict[str, ModelEntry] = {}
+        self.endpoints: dict[str, list[Endpoint]] = {}
+        self._names: dict[str, str] = {}
+
+    def set_model(self, entry: ModelEntry, endpoints: list[Endpoint]) -> None:
+        self.models[entry.name] = entry
+        self.endpoints[entry.name] = endpoints
+        self._reindex()
+
+    def remove_model(self, name: str) -> None:
+        self.models.pop(name, None)
+        self.endpoints.pop(name, None)
+        self._reindex()
+
+    def _reindex(self) -> None:
+        names: dict[str, str] = {}
+        for entry in self.models.values():
+            for public in (entry.served_name, *entry.aliases):
+                names.setdefault(public, entry.name)
+        self._names = names
+
+    def resolve(self, public_name: str) -> ModelEntry | None:
+        name = self._names.get(public_name)
+        return self.models.get(name) if name else None
+
+    def ready_endpoints(self, name: str) -> list[Endpoint]:
+        return [e for e in self.endpoints.get(name, []) if e.ready]
+
+    def listed(self) -> list[tuple[ModelEntry, str]]:
+        """(model, public id) for every served name and alias of models with a ready replica."""
+        out = []
+        for entry in self.models.values():
+            if self.ready_endpoints(entry.name):
+                out += [(entry, public) for public in (entry.served_name, *entry.aliases)]
+        return out
+
+
+def load_static(path: str | Path) -> Registry:
+    data: Any = yaml.safe_load(Path(path).read_text())
+    spec = StaticDiscovery.model_validate(data)
+    reg = Registry()
+    for m in spec.models:
+        entry = ModelEntry(
+            name=m.name, served_name=m.served_name or m.name, aliases=tuple(m.aliases), engine=m.engine,
+            modalities=tuple(m.modalities), routing=m.routing, max_num_seqs=m.max_num_seqs,
+        )  # fmt: skip
+        eps = [Endpoint(id=f"{m.name}-{i}", address=a, model=m.name) for i, a in enumerate(m.endpoints)]
+        reg.set_model(entry, eps)
+    return reg
