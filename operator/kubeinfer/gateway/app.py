@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -23,8 +24,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from kubeinfer.gateway.admission import ModelQueue, QueueFull, QueueTimeout
 from kubeinfer.gateway.registry import ModelEntry, Registry
-from kubeinfer.gateway.routing import Load, RouteRequest, choose, prefix_key
+from kubeinfer.gateway.routing import Endpoint, Load, RouteRequest, choose, prefix_key
 from kubeinfer.gateway.scrape import ScrapeError, parse_metrics
 
 PROXIED = ("chat/completions", "completions", "embeddings", "responses", "messages")
@@ -37,8 +39,8 @@ _DROP_HEADERS = {"host", "content-length", "connection", "keep-alive", "transfer
 class GatewaySettings:
     max_body_bytes: int = 32 << 20
     retries: int = 2
-    hold_timeout: float = 30.0
-    """How long a request waits for a ready replica of its model before 503."""
+    hold_timeout: float | None = None
+    """How long a request may wait for a replica; None: the model's routing.queueTimeout."""
     scrape_interval: float = 1.0
     scrape_timeout: float = 0.5
     connect_timeout: float = 5.0
@@ -52,6 +54,7 @@ class State:
     client: httpx.AsyncClient
     loads: dict[str, Load] = field(default_factory=dict)
     rr: dict[str, int] = field(default_factory=dict)
+    queues: dict[str, ModelQueue[Endpoint]] = field(default_factory=dict)
     metrics: CollectorRegistry = field(default_factory=CollectorRegistry)
 
     def __post_init__(self) -> None:
@@ -78,18 +81,29 @@ class State:
             registry=self.metrics,
         )  # fmt: skip
 
+    def release(self, model: str, endpoint_id: str) -> None:
+        """A request to `endpoint_id` ended: free its slot and let the model's queue move."""
+        self.inflight(endpoint_id, -1)
+        queue = self.queues.get(model)
+        if queue is not None:
+            queue.wake()
+
     def inflight(self, endpoint_id: str, delta: int) -> None:
         load = self.loads.get(endpoint_id, Load())
         self.loads[endpoint_id] = Load(max(0, load.inflight + delta), load.scraped, load.scraped_at)
 
 
 def error(
-    status: int, message: str, type_: str, param: str | None = None, code: str | None = None
+    status: int,
+    message: str,
+    type_: str,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     """OpenAI's error envelope."""
-    return JSONResponse(
-        {"error": {"message": message, "type": type_, "param": param, "code": code}}, status_code=status
-    )
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _has_image(body: dict[str, Any]) -> bool:
@@ -122,22 +136,31 @@ async def _read_body(request: Request, limit: int) -> bytes | None:
     return b"".join(chunks)
 
 
-async def _pick(state: State, entry: ModelEntry, route: RouteRequest, tried: frozenset[str]) -> Any:
-    """A replica for the request, waiting up to hold_timeout for one to become ready."""
-    deadline = time.monotonic() + state.settings.hold_timeout
-    while True:
-        endpoints = state.registry.ready_endpoints(entry.name)
-        decision = choose(
-            entry.routing.strategy, endpoints, state.loads, route, now=time.monotonic(),
-            scrape_interval=state.settings.scrape_interval, rr_counter=state.rr.get(entry.name, 0),
-            target_inflight=entry.target_inflight, exclude=tried,
-        )  # fmt: skip
-        if decision is not None:
-            state.rr[entry.name] = state.rr.get(entry.name, 0) + 1
-            return next(e for e in endpoints if e.id == decision.endpoint_id)
-        if tried or time.monotonic() >= deadline:
-            return None
-        await asyncio.sleep(0.05)
+def parse_duration(text: str) -> float:
+    """'30s', '5m', '1h30m', '500ms' -> seconds (the API's Duration format)."""
+    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    total = 0.0
+    for number, unit in re.findall(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)", text):
+        total += float(number) * units[unit]
+    return total
+
+
+def _try_pick(state: State, entry: ModelEntry, route: RouteRequest, tried: frozenset[str]) -> Endpoint | None:
+    """A replica with room (own in-flight below the model's target), its slot taken; or None."""
+    endpoints = state.registry.ready_endpoints(entry.name)
+    full = frozenset(
+        e.id for e in endpoints if state.loads.get(e.id, Load()).inflight >= entry.target_inflight
+    )
+    decision = choose(
+        entry.routing.strategy, endpoints, state.loads, route, now=time.monotonic(),
+        scrape_interval=state.settings.scrape_interval, rr_counter=state.rr.get(entry.name, 0),
+        target_inflight=entry.target_inflight, exclude=tried | full,
+    )  # fmt: skip
+    if decision is None:
+        return None
+    state.rr[entry.name] = state.rr.get(entry.name, 0) + 1
+    state.inflight(decision.endpoint_id, +1)  # taken here, so a concurrent request sees it at once
+    return next(e for e in endpoints if e.id == decision.endpoint_id)
 
 
 async def proxy(request: Request) -> Response:
@@ -175,41 +198,58 @@ async def proxy(request: Request) -> Response:
     headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_HEADERS}
     tried: frozenset[str] = frozenset()
     last_error = "no ready replica"
+    queue = state.queues.setdefault(entry.name, ModelQueue())
+    timeout = state.settings.hold_timeout or parse_duration(entry.routing.queue_timeout)
     for attempt in range(state.settings.retries + 1):
-        endpoint = await _pick(state, entry, route, tried)
-        if endpoint is None:
-            break
-        if attempt:
+        if attempt == 0:
+            try:
+                endpoint = await queue.admit(
+                    lambda: _try_pick(state, entry, route, frozenset()),
+                    lambda: bool(state.registry.ready_endpoints(entry.name)),
+                    entry.routing.max_queue, timeout,
+                )  # fmt: skip
+            except QueueFull:
+                state.errors.labels(entry.name, "queue_full").inc()
+                return error(429, f"too many requests queued for `{model}`", "rate_limit_error",
+                             code="queue_full", headers={"Retry-After": "1"})  # fmt: skip
+            except QueueTimeout as exc:
+                kind = "queue_timeout" if exc.had_replicas else "no_replica"
+                state.errors.labels(entry.name, kind).inc()
+                what = "a free replica" if exc.had_replicas else "a ready replica"
+                return error(503, f"no {what} of `{model}` within {exc.waited:.0f}s", "service_unavailable",
+                             code=kind, headers={"Retry-After": "5"})  # fmt: skip
+        else:
+            # Retries go to another replica now or not at all: the client is already waiting.
+            retry = _try_pick(state, entry, route, tried)
+            if retry is None:
+                break
+            endpoint = retry
             state.retries.labels(entry.name).inc()
         tried = tried | {endpoint.id}
         url = f"http://{endpoint.address}/v1/{path}"
-        state.inflight(endpoint.id, +1)
         started = time.monotonic()
         try:
             upstream = await state.client.send(
                 state.client.build_request("POST", url, content=raw, headers=headers), stream=True
             )
         except httpx.HTTPError as exc:
-            state.inflight(endpoint.id, -1)
+            state.release(entry.name, endpoint.id)
             last_error = f"replica {endpoint.id}: {type(exc).__name__}"
             continue
         if upstream.status_code in RETRY_STATUSES and attempt < state.settings.retries:
             await upstream.aclose()
-            state.inflight(endpoint.id, -1)
+            state.release(entry.name, endpoint.id)
             last_error = f"replica {endpoint.id} answered {upstream.status_code}"
             continue
         state.ttfb.labels(entry.name).observe(time.monotonic() - started)
         state.requests.labels(entry.name, endpoint.id, str(upstream.status_code)).inc()
-        return _stream_back(state, endpoint.id, upstream)
+        return _stream_back(state, entry.name, endpoint.id, upstream)
 
-    state.errors.labels(entry.name, "no_replica" if not tried else "upstream").inc()
-    if not tried:
-        return error(503, f"no ready replica of `{model}` within {state.settings.hold_timeout:g}s",
-                     "service_unavailable", code="no_replica")  # fmt: skip
+    state.errors.labels(entry.name, "upstream").inc()
     return error(502, f"upstream failure: {last_error}", "upstream_error", code="bad_gateway")
 
 
-def _stream_back(state: State, endpoint_id: str, upstream: httpx.Response) -> StreamingResponse:
+def _stream_back(state: State, model: str, endpoint_id: str, upstream: httpx.Response) -> StreamingResponse:
     is_sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
 
     async def body() -> AsyncIterator[bytes]:
@@ -232,7 +272,7 @@ def _stream_back(state: State, endpoint_id: str, upstream: httpx.Response) -> St
             else:
                 raise
         finally:
-            state.inflight(endpoint_id, -1)
+            state.release(model, endpoint_id)
             await upstream.aclose()
 
     headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _DROP_HEADERS}
