@@ -206,6 +206,8 @@ def test_gateway_metrics_count_requests_and_errors():
         text = client.get("/metrics").text
     assert 'kubeinfer_gateway_requests_total{code="200",model="tiny",replica="r0"} 1.0' in text
     assert 'kubeinfer_gateway_errors_total{model="nope",type="model_not_found"} 1.0' in text
+    assert 'kubeinfer_gateway_queued_requests{model="tiny"} 0.0' in text
+    assert 'kubeinfer_gateway_inflight_requests{replica="r0"} 0.0' in text
 
 
 def test_static_discovery_file(tmp_path):

