@@ -164,19 +164,30 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     from kubeinfer.gateway.app import GatewaySettings, create_app
     from kubeinfer.gateway.registry import load_static
 
-    if not args.static:
-        raise CLIError("discovery from Kubernetes is not built yet: pass --static models.yaml")
-    if not Path(args.static).is_file():
-        raise CLIError(f"{args.static}: no such file")
-    try:
-        registry = load_static(args.static)
-    except Exception as exc:  # pydantic or YAML errors: one clear line
-        raise CLIError(f"{args.static}: {exc}") from None
+    discover = None
+    if args.static:
+        if not Path(args.static).is_file():
+            raise CLIError(f"{args.static}: no such file")
+        try:
+            registry = load_static(args.static)
+        except Exception as exc:  # pydantic or YAML errors: one clear line
+            raise CLIError(f"{args.static}: {exc}") from None
+    else:
+        from kubeinfer import kube
+        from kubeinfer.gateway.discovery import Discovery
+        from kubeinfer.gateway.registry import Registry
+
+        registry = Registry()
+
+        async def discover(reg: Registry) -> None:
+            async with kube.api_client() as api:
+                await Discovery(api, reg, namespace=args.namespace).run()
+
     settings = GatewaySettings(scrape_interval=args.scrape_interval, hold_timeout=args.hold_timeout)
     metrics = prometheus_client.CollectorRegistry()
     if args.metrics_port:  # the same registry is also served at /metrics on the API port
         prometheus_client.start_http_server(args.metrics_port, registry=metrics)
-    app = create_app(registry, settings, metrics=metrics)
+    app = create_app(registry, settings, metrics=metrics, discover=discover)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
     return 0
 
@@ -219,7 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_operator)
 
     p = sub.add_parser("gateway", help="run the OpenAI-compatible gateway")
-    p.add_argument("--static", help="static discovery file (models and replica addresses)")
+    p.add_argument(
+        "--static", help="static discovery file (models and replica addresses); default: Kubernetes"
+    )
+    p.add_argument("--namespace", help="with Kubernetes discovery: only this namespace (default: all)")
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--metrics-port", type=int, default=0, help="also serve /metrics on this port")

@@ -13,7 +13,7 @@ import contextlib
 import json
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -332,8 +332,10 @@ def create_app(
     settings: GatewaySettings | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
     metrics: CollectorRegistry | None = None,
+    discover: Callable[[Registry], Coroutine[Any, Any, None]] | None = None,
 ) -> Starlette:
-    """The ASGI app. `transport` replaces the network (tests use an in-memory one)."""
+    """The ASGI app. `transport` replaces the network (tests use an in-memory one); `discover`, if
+    given, runs for the app's lifetime and keeps the registry current (Kubernetes discovery)."""
     settings = settings or GatewaySettings()
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=60)
     timeout = httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout)
@@ -351,11 +353,14 @@ def create_app(
                     await scrape_once(state)
                     await asyncio.sleep(settings.scrape_interval)
 
-            task = asyncio.create_task(scraper())
+            tasks = [asyncio.create_task(scraper())]
+            if discover is not None:
+                tasks.append(asyncio.create_task(discover(registry)))
             try:
                 yield
             finally:
-                task.cancel()
+                for task in tasks:
+                    task.cancel()
 
     routes = [
         Route("/v1/models", list_models, methods=["GET"]),

@@ -1,0 +1,162 @@
+"""Discovery from Kubernetes: LLMModels and their ready pods, watched, into the Registry.
+
+Two watches (kubernetes_asyncio): LLMModels give each model's public names, modalities and routing;
+model-server pods (selected by the contract's component label) give replicas: a pod is a replica
+while it is Ready, has an IP and is not terminating. Each event replaces the affected model's entry,
+so a replica joins or leaves as soon as the watch delivers its readiness change.
+
+`entry_from_model` and `endpoint_from_pod` are pure and unit-tested; `Discovery` only moves data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+from kubernetes_asyncio import client, watch
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from kubeinfer import contract
+from kubeinfer.api.v1alpha1 import Routing
+from kubeinfer.gateway.registry import ModelEntry, Registry
+from kubeinfer.gateway.routing import Endpoint
+
+log = logging.getLogger("kubeinfer.gateway.discovery")
+
+
+def entry_from_model(body: dict[str, Any]) -> ModelEntry:
+    meta, spec = body.get("metadata") or {}, body.get("spec") or {}
+    model = spec.get("model") or {}
+    routing = Routing.model_validate(spec.get("routing") or {})
+    return ModelEntry(
+        name=meta["name"],
+        served_name=model.get("servedName") or meta["name"],
+        aliases=tuple(model.get("aliases") or ()),
+        engine=spec.get("engine", "vllm"),
+        modalities=tuple(spec.get("modalities") or ("text",)),
+        routing=routing,
+        max_num_seqs=spec.get("maxNumSeqs"),
+    )
+
+
+def endpoint_from_pod(pod: dict[str, Any]) -> tuple[str, Endpoint] | None:
+    """(model name, replica) for a pod of a model, ready or not; None for anything else."""
+    meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+    labels = meta.get("labels") or {}
+    model = labels.get(contract.LABEL_MODEL)
+    if not model:
+        return None
+    annotations = meta.get("annotations") or {}
+    port = annotations.get(contract.ANNOTATION_PORT, str(contract.ENGINE_PORT))
+    ip = status.get("podIP")
+    ready = (
+        bool(ip)
+        and not meta.get("deletionTimestamp")
+        and any(
+            c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or []
+        )
+    )
+    address = f"[{ip}]:{port}" if ip and ":" in ip else f"{ip}:{port}"
+    return model, Endpoint(id=meta["name"], address=address, model=model, ready=ready)
+
+
+class Discovery:
+    """Keeps `registry` in step with the cluster (all namespaces, or the given ones)."""
+
+    def __init__(self, api: client.ApiClient, registry: Registry, namespace: str | None = None):
+        self.api, self.registry, self.namespace = api, registry, namespace
+        self.models: dict[str, ModelEntry] = {}
+        self.pods: dict[str, dict[str, Endpoint]] = {}  # model -> pod name -> endpoint
+        self.synced = asyncio.Event()
+        self._synced_parts: set[str] = set()
+
+    def _key(self, ns: str, name: str) -> str:
+        # Models are routed by their public names; the key keeps namespaces apart.
+        return name if self.namespace else f"{ns}/{name}"
+
+    def _publish(self, key: str) -> None:
+        entry = self.models.get(key)
+        if entry is None:
+            self.registry.remove_model(key)
+            return
+        endpoints = sorted(self.pods.get(key, {}).values(), key=lambda e: e.id)
+        self.registry.set_model(entry, endpoints)
+
+    def on_model(self, kind: str, body: dict[str, Any]) -> None:
+        meta = body.get("metadata") or {}
+        key = self._key(meta.get("namespace", ""), meta["name"])
+        if kind == "DELETED":
+            self.models.pop(key, None)
+        else:
+            entry = entry_from_model(body)
+            self.models[key] = ModelEntry(**{**entry.__dict__, "name": key})
+        self._publish(key)
+
+    def on_pod(self, kind: str, pod: dict[str, Any]) -> None:
+        found = endpoint_from_pod(pod)
+        if found is None:
+            return
+        model, endpoint = found
+        key = self._key((pod.get("metadata") or {}).get("namespace", ""), model)
+        endpoint = Endpoint(id=endpoint.id, address=endpoint.address, model=key, ready=endpoint.ready)
+        pods = self.pods.setdefault(key, {})
+        if kind == "DELETED":
+            pods.pop(endpoint.id, None)
+        else:
+            pods[endpoint.id] = endpoint
+        self._publish(key)
+
+    async def run(self) -> None:
+        await asyncio.gather(self._watch_models(), self._watch_pods())
+
+    async def _watch_models(self) -> None:
+        objs = client.CustomObjectsApi(self.api)
+        if self.namespace:
+            lister: Any = objs.list_namespaced_custom_object
+            args: tuple[Any, ...] = (contract.GROUP, contract.VERSION, self.namespace, contract.PLURAL)
+        else:
+            lister = objs.list_cluster_custom_object
+            args = (contract.GROUP, contract.VERSION, contract.PLURAL)
+        await self._watch("models", lister, args, {}, self.on_model)
+
+    async def _watch_pods(self) -> None:
+        core = client.CoreV1Api(self.api)
+        selector = f"{contract.LABEL_COMPONENT}={contract.COMPONENT_MODEL_SERVER}"
+        if self.namespace:
+            lister: Any = core.list_namespaced_pod
+            args: tuple[Any, ...] = (self.namespace,)
+        else:
+            lister = core.list_pod_for_all_namespaces
+            args = ()
+        await self._watch("pods", lister, args, {"label_selector": selector}, self.on_pod)
+
+    async def _watch(
+        self, part: str, lister: Any, args: tuple[Any, ...], kw: dict[str, Any], handle: Any
+    ) -> None:
+        """List then watch from the list's resourceVersion; on any error start over."""
+        while True:
+            try:
+                listed = await lister(*args, **kw, _preload_content=False)
+                async with listed:
+                    data = json.loads(await listed.read())
+                for item in data.get("items", []):
+                    handle("ADDED", item)
+                self._synced_parts.add(part)
+                if self._synced_parts >= {"models", "pods"}:
+                    self.synced.set()
+                version = data["metadata"]["resourceVersion"]
+                w = watch.Watch()
+                async with w.stream(
+                    lister, *args, **kw, resource_version=version, timeout_seconds=300
+                ) as events:
+                    async for event in events:
+                        raw = event.get("raw_object") or event["object"]
+                        if event["type"] in ("ADDED", "MODIFIED", "DELETED"):
+                            handle(event["type"], raw)
+            except asyncio.CancelledError:
+                raise
+            except (ApiException, OSError, ValueError, KeyError) as exc:
+                log.warning("%s watch restarts after %s", part, exc)
+                await asyncio.sleep(1)
