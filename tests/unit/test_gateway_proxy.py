@@ -220,3 +220,16 @@ def test_static_discovery_file(tmp_path):
     entry = reg.resolve("t")
     assert entry is not None and entry.served_name == "tiny-gguf" and entry.routing.strategy == "prefix-aware"
     assert [e.address for e in reg.ready_endpoints("tiny")] == ["127.0.0.2:8000", "127.0.0.3:8000"]
+
+
+def test_admin_models_reports_replicas_and_scrapes():
+    client, _, app = _client({"10.0.0.1:8000": "ok", "10.0.0.2:8000": "down"})
+    with client:
+        client.portal.call(scrape_once, app.state.gw)
+        data = client.get("/v1/admin/models").json()["data"]
+    (model,) = data
+    assert model["servedName"] == "tiny" and model["state"] == "ready"
+    assert model["replicas"] == {"ready": 2, "total": 2} and model["queued"] == 0
+    by_id = {r["id"]: r for r in model["replicaStats"]}
+    assert by_id["r0"]["running"] == 4 and by_id["r0"]["waiting"] == 4  # from the capture
+    assert by_id["r1"]["running"] is None  # never scraped: unreachable

@@ -298,6 +298,44 @@ async def list_models(request: Request) -> JSONResponse:
     return JSONResponse({"object": "list", "data": data})
 
 
+async def admin_models(request: Request) -> JSONResponse:
+    """Per model: engine, replicas ready/total, queue, in-flight, and what the scrapes say."""
+    state: State = request.app.state.gw
+    now = time.monotonic()
+    out = []
+    for entry in state.registry.models.values():
+        endpoints = state.registry.endpoints.get(entry.name, [])
+        replicas: list[dict[str, Any]] = []
+        for e in endpoints:
+            load = state.loads.get(e.id, Load())
+            fresh = (
+                load.scraped is not None
+                and load.scraped_at is not None
+                and (now - load.scraped_at <= 3 * state.settings.scrape_interval)
+            )
+            stats = load.scraped if fresh else None
+            replicas.append({
+                "id": e.id, "address": e.address, "ready": e.ready, "inflight": load.inflight,
+                "running": stats.running if stats else None, "waiting": stats.waiting if stats else None,
+                "kvCacheUsage": stats.kv_cache_usage if stats else None,
+                "prefixCacheHitRate": (
+                    stats.prefix_cache_hits / stats.prefix_cache_queries
+                    if stats and stats.prefix_cache_queries and stats.prefix_cache_hits is not None else None
+                ),
+            })  # fmt: skip
+        queue = state.queues.get(entry.name)
+        out.append({
+            "name": entry.name, "servedName": entry.served_name, "aliases": list(entry.aliases),
+            "engine": entry.engine, "modalities": list(entry.modalities), "strategy": entry.routing.strategy,
+            "state": "ready" if any(e.ready for e in endpoints) else "unavailable",
+            "replicas": {"ready": sum(e.ready for e in endpoints), "total": len(endpoints)},
+            "queued": queue.waiting if queue else 0,
+            "inflight": sum(state.loads.get(e.id, Load()).inflight for e in endpoints),
+            "replicaStats": replicas,
+        })  # fmt: skip
+    return JSONResponse({"object": "list", "data": out})
+
+
 async def healthz(request: Request) -> Response:
     return Response("ok")
 
@@ -364,6 +402,7 @@ def create_app(
 
     routes = [
         Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/admin/models", admin_models, methods=["GET"]),
         Route("/v1/{path:path}", proxy, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", healthz, methods=["GET"]),
