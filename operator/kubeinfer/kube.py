@@ -13,14 +13,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from kubeinfer import contract
+
+_log = logging.getLogger("kubeinfer.kube")
 
 FIELD_MANAGER = "kubeinfer-operator"
 APPLY = "application/apply-patch+yaml"
@@ -263,3 +266,69 @@ async def watch_deployment_names(api: client.ApiClient, namespace: str, seen: di
         async for event in w.stream(apps.list_namespaced_deployment, namespace, timeout_seconds=300):
             name = event["object"].metadata.name
             seen.setdefault(name, time.monotonic())
+
+
+Handler = Callable[[str, dict[str, Any]], None]
+
+
+async def list_then_watch(
+    what: str,
+    lister: Any,
+    args: tuple[Any, ...],
+    kw: dict[str, Any],
+    handle: Handler,
+    on_synced: Callable[[], None],
+) -> None:
+    """List, hand every item to `handle` as ADDED, then watch from the list's resourceVersion; on any
+    error (including an expired version) start over. Runs until cancelled."""
+    from kubernetes_asyncio import watch
+
+    while True:
+        try:
+            listed = await lister(*args, **kw, **RAW)
+            data = await _json(listed)
+            for item in data.get("items", []):
+                handle("ADDED", item)
+            on_synced()
+            version = data["metadata"]["resourceVersion"]
+            async with watch.Watch().stream(
+                lister, *args, **kw, resource_version=version, timeout_seconds=300
+            ) as events:
+                async for event in events:
+                    if event["type"] in ("ADDED", "MODIFIED", "DELETED"):
+                        handle(event["type"], event.get("raw_object") or event["object"])
+        except asyncio.CancelledError:
+            raise
+        except (ApiException, OSError, ValueError, KeyError) as exc:
+            _log.warning("%s watch restarts after %s", what, exc)
+            await asyncio.sleep(1)
+
+
+async def watch_models(
+    api: client.ApiClient, namespace: str | None, handle: Handler, on_synced: Callable[[], None]
+) -> None:
+    objs = client.CustomObjectsApi(api)
+    if namespace:
+        lister: Any = objs.list_namespaced_custom_object
+        args: tuple[Any, ...] = (contract.GROUP, contract.VERSION, namespace, contract.PLURAL)
+    else:
+        lister = objs.list_cluster_custom_object
+        args = (contract.GROUP, contract.VERSION, contract.PLURAL)
+    await list_then_watch("LLMModel", lister, args, {}, handle, on_synced)
+
+
+async def watch_pods(
+    api: client.ApiClient,
+    namespace: str | None,
+    selector: str,
+    handle: Handler,
+    on_synced: Callable[[], None],
+) -> None:
+    core = client.CoreV1Api(api)
+    if namespace:
+        lister: Any = core.list_namespaced_pod
+        args: tuple[Any, ...] = (namespace,)
+    else:
+        lister = core.list_pod_for_all_namespaces
+        args = ()
+    await list_then_watch("pod", lister, args, {"label_selector": selector}, handle, on_synced)

@@ -11,19 +11,14 @@ so a replica joins or leaves as soon as the watch delivers its readiness change.
 from __future__ import annotations
 
 import asyncio
-import json
-import logging
 from typing import Any
 
-from kubernetes_asyncio import client, watch
-from kubernetes_asyncio.client.exceptions import ApiException
+from kubernetes_asyncio import client
 
-from kubeinfer import contract
+from kubeinfer import contract, kube
 from kubeinfer.api.v1alpha1 import Routing
 from kubeinfer.gateway.registry import ModelEntry, Registry
 from kubeinfer.gateway.routing import Endpoint
-
-log = logging.getLogger("kubeinfer.gateway.discovery")
 
 
 def entry_from_model(body: dict[str, Any]) -> ModelEntry:
@@ -109,54 +104,13 @@ class Discovery:
         self._publish(key)
 
     async def run(self) -> None:
-        await asyncio.gather(self._watch_models(), self._watch_pods())
+        def synced(part: str) -> None:
+            self._synced_parts.add(part)
+            if self._synced_parts >= {"models", "pods"}:
+                self.synced.set()
 
-    async def _watch_models(self) -> None:
-        objs = client.CustomObjectsApi(self.api)
-        if self.namespace:
-            lister: Any = objs.list_namespaced_custom_object
-            args: tuple[Any, ...] = (contract.GROUP, contract.VERSION, self.namespace, contract.PLURAL)
-        else:
-            lister = objs.list_cluster_custom_object
-            args = (contract.GROUP, contract.VERSION, contract.PLURAL)
-        await self._watch("models", lister, args, {}, self.on_model)
-
-    async def _watch_pods(self) -> None:
-        core = client.CoreV1Api(self.api)
         selector = f"{contract.LABEL_COMPONENT}={contract.COMPONENT_MODEL_SERVER}"
-        if self.namespace:
-            lister: Any = core.list_namespaced_pod
-            args: tuple[Any, ...] = (self.namespace,)
-        else:
-            lister = core.list_pod_for_all_namespaces
-            args = ()
-        await self._watch("pods", lister, args, {"label_selector": selector}, self.on_pod)
-
-    async def _watch(
-        self, part: str, lister: Any, args: tuple[Any, ...], kw: dict[str, Any], handle: Any
-    ) -> None:
-        """List then watch from the list's resourceVersion; on any error start over."""
-        while True:
-            try:
-                listed = await lister(*args, **kw, _preload_content=False)
-                async with listed:
-                    data = json.loads(await listed.read())
-                for item in data.get("items", []):
-                    handle("ADDED", item)
-                self._synced_parts.add(part)
-                if self._synced_parts >= {"models", "pods"}:
-                    self.synced.set()
-                version = data["metadata"]["resourceVersion"]
-                w = watch.Watch()
-                async with w.stream(
-                    lister, *args, **kw, resource_version=version, timeout_seconds=300
-                ) as events:
-                    async for event in events:
-                        raw = event.get("raw_object") or event["object"]
-                        if event["type"] in ("ADDED", "MODIFIED", "DELETED"):
-                            handle(event["type"], raw)
-            except asyncio.CancelledError:
-                raise
-            except (ApiException, OSError, ValueError, KeyError) as exc:
-                log.warning("%s watch restarts after %s", part, exc)
-                await asyncio.sleep(1)
+        await asyncio.gather(
+            kube.watch_models(self.api, self.namespace, self.on_model, lambda: synced("models")),
+            kube.watch_pods(self.api, self.namespace, selector, self.on_pod, lambda: synced("pods")),
+        )
