@@ -28,9 +28,11 @@ from kubeinfer.gateway.admission import ModelQueue, QueueFull, QueueTimeout
 from kubeinfer.gateway.registry import ModelEntry, Registry
 from kubeinfer.gateway.routing import Endpoint, Load, RouteRequest, choose, prefix_key
 from kubeinfer.gateway.scrape import ScrapeError, parse_metrics
+from kubeinfer.gateway.usage import SSEUsage, Usage, prepare_stream_request, usage_from_json
 
 PROXIED = ("chat/completions", "completions", "embeddings", "responses", "messages")
 RETRY_STATUSES = {502, 503, 504}
+USAGE_BODY_LIMIT = 1 << 20  # JSON bodies longer than this are passed on without reading their usage
 # Hop-by-hop and length headers are the proxy's own business on each side.
 _DROP_HEADERS = {"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te", "upgrade"}
 
@@ -55,6 +57,7 @@ class State:
     loads: dict[str, Load] = field(default_factory=dict)
     rr: dict[str, int] = field(default_factory=dict)
     queues: dict[str, ModelQueue[Endpoint]] = field(default_factory=dict)
+    ledger: dict[tuple[str, str], dict[str, int]] = field(default_factory=dict)
     metrics: CollectorRegistry = field(default_factory=CollectorRegistry)
 
     def __post_init__(self) -> None:
@@ -76,6 +79,14 @@ class State:
         )  # fmt: skip
         self.retries = Counter("kubeinfer_gateway_retries", "Retries on another replica", ["model"],
                                registry=self.metrics)  # fmt: skip
+        self.tokens = Counter(
+            "kubeinfer_gateway_tokens", "Tokens by model, API key and kind (prompt, completion)",
+            ["model", "key", "kind"], registry=self.metrics,
+        )  # fmt: skip
+        self.usage_requests = Counter(
+            "kubeinfer_gateway_usage_requests", "Successful requests by model and API key", ["model", "key"],
+            registry=self.metrics,
+        )  # fmt: skip
         self.queued = Gauge(
             "kubeinfer_gateway_queued_requests", "Requests waiting for a replica (the autoscaler's signal)",
             ["model"], registry=self.metrics,
@@ -88,6 +99,19 @@ class State:
             "kubeinfer_gateway_time_to_first_byte_seconds", "Upstream time to first byte", ["model"],
             registry=self.metrics,
         )  # fmt: skip
+
+    def record_usage(self, model: str, usage: Usage | None, key: str = "anonymous") -> None:
+        """The usage ledger: requests and tokens per API key and model."""
+        entry = self.ledger.setdefault(
+            (key, model), {"requests": 0, "promptTokens": 0, "completionTokens": 0}
+        )
+        entry["requests"] += 1
+        self.usage_requests.labels(model, key).inc()
+        if usage is not None:
+            entry["promptTokens"] += usage.prompt_tokens
+            entry["completionTokens"] += usage.completion_tokens
+            self.tokens.labels(model, key, "prompt").inc(usage.prompt_tokens)
+            self.tokens.labels(model, key, "completion").inc(usage.completion_tokens)
 
     def release(self, model: str, endpoint_id: str) -> None:
         """A request to `endpoint_id` ended: free its slot and let the model's queue move."""
@@ -203,7 +227,16 @@ async def proxy(request: Request) -> Response:
         model=entry.name, prefix_key=prefix_key(body),
         session=request.headers.get(entry.routing.session_header) if entry.routing.session_header else None,
     )  # fmt: skip
-    headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_HEADERS}
+    # Ask every stream for its usage (for the ledger); strip it again if the client did not ask.
+    send, strip_usage = prepare_stream_request(path, body)
+    if send is not body:
+        raw = json.dumps(send).encode()
+    # The engine hop stays uncompressed, so usage can be read off the bytes as they pass.
+    headers = {
+        k: v
+        for k, v in request.headers.items()
+        if k.lower() not in _DROP_HEADERS and k.lower() != "accept-encoding"
+    }
     tried: frozenset[str] = frozenset()
     last_error = "no ready replica"
     queue = state.queues.setdefault(entry.name, ModelQueue())
@@ -251,41 +284,64 @@ async def proxy(request: Request) -> Response:
             continue
         state.ttfb.labels(entry.name).observe(time.monotonic() - started)
         state.requests.labels(entry.name, endpoint.id, str(upstream.status_code)).inc()
-        return _stream_back(state, entry.name, endpoint.id, upstream)
+        return _stream_back(state, entry.name, endpoint.id, upstream, strip_usage)
 
     state.errors.labels(entry.name, "upstream").inc()
     return error(502, f"upstream failure: {last_error}", "upstream_error", code="bad_gateway")
 
 
-def _stream_back(state: State, model: str, endpoint_id: str, upstream: httpx.Response) -> StreamingResponse:
+def _stream_back(
+    state: State, model: str, endpoint_id: str, upstream: httpx.Response, strip_usage: bool
+) -> StreamingResponse:
     is_sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
+    sse = SSEUsage(strip_usage) if is_sse else None
+    head: list[bytes] = []  # a JSON body, kept (up to a bound) to read its usage at the end
+    kept = 0
 
     async def body() -> AsyncIterator[bytes]:
+        nonlocal kept
         try:
             if upstream.is_stream_consumed:  # built in memory (a transport that returns whole bodies)
-                yield upstream.content
+                chunks: AsyncIterator[bytes] = _one(upstream.content)
             else:
-                async for chunk in upstream.aiter_raw():
+                chunks = upstream.aiter_raw()
+            async for chunk in chunks:
+                if sse is not None:
+                    chunk = sse.feed(chunk)
+                elif kept < USAGE_BODY_LIMIT:
+                    head.append(chunk)
+                    kept += len(chunk)
+                if chunk:
                     yield chunk
+            if sse is not None:
+                rest = sse.flush()
+                if rest:
+                    yield rest
         except httpx.HTTPError as exc:
             # Too late for a status code: tell an SSE client in-band, as OpenAI's API does.
-            if is_sse:
-                err = {
-                    "error": {
-                        "message": f"replica failed mid-stream: {type(exc).__name__}",
-                        "type": "upstream_error", "param": None, "code": "stream_interrupted",
-                    }
-                }  # fmt: skip
-                yield f"data: {json.dumps(err)}\n\n".encode()
-            else:
+            if not is_sse:
                 raise
+            err = {
+                "error": {
+                    "message": f"replica failed mid-stream: {type(exc).__name__}",
+                    "type": "upstream_error", "param": None, "code": "stream_interrupted",
+                }
+            }  # fmt: skip
+            yield f"data: {json.dumps(err)}\n\n".encode()
         finally:
             state.release(model, endpoint_id)
             await upstream.aclose()
+            if upstream.status_code == 200:
+                usage = sse.usage if sse is not None else usage_from_json(b"".join(head))
+                state.record_usage(model, usage)
 
     headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _DROP_HEADERS}
     headers["x-kubeinfer-replica"] = endpoint_id
     return StreamingResponse(body(), status_code=upstream.status_code, headers=headers)
+
+
+async def _one(data: bytes) -> AsyncIterator[bytes]:
+    yield data
 
 
 async def list_models(request: Request) -> JSONResponse:
@@ -334,6 +390,12 @@ async def admin_models(request: Request) -> JSONResponse:
             "replicaStats": replicas,
         })  # fmt: skip
     return JSONResponse({"object": "list", "data": out})
+
+
+async def admin_usage(request: Request) -> JSONResponse:
+    state: State = request.app.state.gw
+    data = [{"key": key, "model": model, **counts} for (key, model), counts in sorted(state.ledger.items())]
+    return JSONResponse({"object": "list", "data": data})
 
 
 async def healthz(request: Request) -> Response:
@@ -403,6 +465,7 @@ def create_app(
     routes = [
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/admin/models", admin_models, methods=["GET"]),
+        Route("/v1/admin/usage", admin_usage, methods=["GET"]),
         Route("/v1/{path:path}", proxy, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", healthz, methods=["GET"]),

@@ -1,0 +1,115 @@
+"""Token usage from responses, for the usage ledger. Pure: bytes in, numbers out.
+
+Non-streamed responses carry `usage` in their JSON. Streams carry it in one event: OpenAI chat and
+completions streams only when the request asked (`stream_options.include_usage`), so the gateway asks
+for it on every stream and, when the client did not ask, drops that usage-only chunk on the way back;
+the Responses API reports it in `response.completed`, Anthropic's Messages API in `message_start`
+(input) and `message_delta` (output).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+USAGE_PATHS = ("chat/completions", "completions")
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def _from_usage(u: Any) -> Usage | None:
+    if not isinstance(u, dict):
+        return None
+    prompt = u.get("prompt_tokens", u.get("input_tokens"))
+    completion = u.get("completion_tokens", u.get("output_tokens"))
+    if prompt is None and completion is None:
+        return None
+    return Usage(int(prompt or 0), int(completion or 0))
+
+
+def usage_from_json(raw: bytes) -> Usage | None:
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return None
+    return _from_usage(body.get("usage")) if isinstance(body, dict) else None
+
+
+def prepare_stream_request(path: str, body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """(body to send, whether to strip the usage chunk on the way back)."""
+    if path not in USAGE_PATHS or not body.get("stream"):
+        return body, False
+    options = body.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage"):
+        return body, False
+    return {
+        **body,
+        "stream_options": {**(options if isinstance(options, dict) else {}), "include_usage": True},
+    }, True
+
+
+class SSEUsage:
+    """Feed upstream SSE bytes, get back the bytes to send on; usage is collected on the way.
+
+    Whole events are passed on as soon as they are complete (an event never waits for the next
+    one), so streaming stays streaming; only the usage-only chunk is held back when `strip` is set.
+    """
+
+    def __init__(self, strip: bool) -> None:
+        self.strip = strip
+        self.usage: Usage | None = None
+        self._input_tokens = 0
+        self._buffer = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        self._buffer += chunk
+        out = []
+        while True:
+            cut = self._buffer.find(b"\n\n")
+            if cut < 0:
+                break
+            event, self._buffer = self._buffer[: cut + 2], self._buffer[cut + 2 :]
+            if self._inspect(event):
+                out.append(event)
+        return b"".join(out)
+
+    def flush(self) -> bytes:
+        rest, self._buffer = self._buffer, b""
+        return rest
+
+    def _inspect(self, event: bytes) -> bool:
+        """Record usage from one event; False if the event must not reach the client."""
+        data = b"".join(
+            line[5:].strip() for line in event.split(b"\n") if line.startswith(b"data:")
+        )  # fmt: skip
+        if not data or data == b"[DONE]" or b"usage" not in data:
+            return True
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            return True
+        if not isinstance(obj, dict):
+            return True
+        kind = obj.get("type")
+        if kind == "response.completed":  # Responses API
+            self.usage = _from_usage((obj.get("response") or {}).get("usage")) or self.usage
+            return True
+        if kind == "message_start":  # Anthropic Messages: input tokens first ...
+            self._input_tokens = int(((obj.get("message") or {}).get("usage") or {}).get("input_tokens") or 0)
+            return True
+        if kind == "message_delta":  # ... output tokens at the end
+            out = int((obj.get("usage") or {}).get("output_tokens") or 0)
+            self.usage = Usage(self._input_tokens, out)
+            return True
+        usage = _from_usage(obj.get("usage"))
+        if usage is not None:
+            self.usage = usage
+            # The usage-only chunk (no choices) the gateway asked for on the client's behalf.
+            if self.strip and not obj.get("choices"):
+                return False
+        return True
