@@ -96,8 +96,8 @@ def test_ledger_counts_tokens_and_client_sees_what_it_asked_for():
     with client:
         plain = client.post("/v1/chat/completions", json=chat)
         streamed = client.post("/v1/chat/completions", json={**chat, "stream": True})
-        asked = client.post("/v1/chat/completions",
-                            json={**chat, "stream": True, "stream_options": {"include_usage": True}})  # fmt: skip
+        with_usage = {**chat, "stream": True, "stream_options": {"include_usage": True}}
+        asked = client.post("/v1/chat/completions", json=with_usage)
         ledger = client.get("/v1/admin/usage").json()["data"]
         metrics = client.get("/metrics").text
     expected = json.loads((VLLM / "chat_completion.json").read_text())["usage"]
