@@ -162,14 +162,16 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     import uvicorn
 
     from kubeinfer.gateway.app import GatewaySettings, create_app
-    from kubeinfer.gateway.registry import load_static
+    from kubeinfer.gateway.registry import load_static, load_static_keys
 
     discover = None
+    keys = None
     if args.static:
         if not Path(args.static).is_file():
             raise CLIError(f"{args.static}: no such file")
         try:
             registry = load_static(args.static)
+            keys = load_static_keys(args.static)
         except Exception as exc:  # pydantic or YAML errors: one clear line
             raise CLIError(f"{args.static}: {exc}") from None
     else:
@@ -187,7 +189,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     metrics = prometheus_client.CollectorRegistry()
     if args.metrics_port:  # the same registry is also served at /metrics on the API port
         prometheus_client.start_http_server(args.metrics_port, registry=metrics)
-    app = create_app(registry, settings, metrics=metrics, discover=discover)
+    app = create_app(registry, settings, metrics=metrics, discover=discover, keys=keys)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
     return 0
 

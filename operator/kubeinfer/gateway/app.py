@@ -25,6 +25,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from kubeinfer.gateway.admission import ModelQueue, QueueFull, QueueTimeout
+from kubeinfer.gateway.auth import ApiKey, Denied, KeyStore
 from kubeinfer.gateway.registry import ModelEntry, Registry
 from kubeinfer.gateway.routing import Endpoint, Load, RouteRequest, choose, prefix_key
 from kubeinfer.gateway.scrape import ScrapeError, parse_metrics
@@ -34,6 +35,8 @@ PROXIED = ("chat/completions", "completions", "embeddings", "responses", "messag
 RETRY_STATUSES = {502, 503, 504}
 USAGE_BODY_LIMIT = 1 << 20  # JSON bodies longer than this are passed on without reading their usage
 # Hop-by-hop and length headers are the proxy's own business on each side.
+# The client's API key is the gateway's business, never the engine's.
+_CLIENT_ONLY = {"accept-encoding", "authorization", "x-api-key"}
 _DROP_HEADERS = {"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te", "upgrade"}
 
 
@@ -58,14 +61,10 @@ class State:
     rr: dict[str, int] = field(default_factory=dict)
     queues: dict[str, ModelQueue[Endpoint]] = field(default_factory=dict)
     ledger: dict[tuple[str, str], dict[str, int]] = field(default_factory=dict)
+    keys: KeyStore = field(default_factory=KeyStore)
     metrics: CollectorRegistry = field(default_factory=CollectorRegistry)
 
     def __post_init__(self) -> None:
-        self._register()
-
-    def use_metrics(self, registry: CollectorRegistry) -> None:
-        """Register the gateway's metrics in `registry` (one the caller also serves elsewhere)."""
-        self.metrics = registry
         self._register()
 
     def _register(self) -> None:
@@ -200,6 +199,13 @@ async def proxy(request: Request) -> Response:
     path = request.path_params["path"]
     if path not in PROXIED:
         return error(404, f"unknown endpoint /v1/{path}", "invalid_request_error", code="not_found")
+    try:
+        key = state.keys.authenticate(
+            request.headers.get("authorization") or request.headers.get("x-api-key")
+        )
+    except Denied as denied:
+        state.errors.labels("", denied.code).inc()
+        return error(denied.status, denied.message, "invalid_request_error", code=denied.code)
     raw = await _read_body(request, state.settings.max_body_bytes)
     if raw is None:
         return error(413, f"request body over {state.settings.max_body_bytes} bytes", "invalid_request_error",
@@ -222,6 +228,13 @@ async def proxy(request: Request) -> Response:
         state.errors.labels(entry.name, "modality_unsupported").inc()
         return error(400, f"model `{model}` accepts text only", "invalid_request_error", param="messages",
                      code="modality_unsupported")  # fmt: skip
+    try:
+        state.keys.admit(key, model, time.monotonic())
+    except Denied as denied:
+        state.errors.labels(entry.name, denied.code).inc()
+        wait = {"Retry-After": str(max(1, round(denied.retry_after)))} if denied.retry_after else None
+        kind = "rate_limit_error" if denied.status == 429 else "permission_error"
+        return error(denied.status, denied.message, kind, param="model", code=denied.code, headers=wait)
 
     route = RouteRequest(
         model=entry.name, prefix_key=prefix_key(body),
@@ -231,12 +244,9 @@ async def proxy(request: Request) -> Response:
     send, strip_usage = prepare_stream_request(path, body)
     if send is not body:
         raw = json.dumps(send).encode()
-    # The engine hop stays uncompressed, so usage can be read off the bytes as they pass.
-    headers = {
-        k: v
-        for k, v in request.headers.items()
-        if k.lower() not in _DROP_HEADERS and k.lower() != "accept-encoding"
-    }
+    headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_HEADERS | _CLIENT_ONLY}
+    # The engine hop stays uncompressed (httpx would ask for gzip), so usage can be read off the bytes.
+    headers["accept-encoding"] = "identity"
     tried: frozenset[str] = frozenset()
     last_error = "no ready replica"
     queue = state.queues.setdefault(entry.name, ModelQueue())
@@ -284,14 +294,14 @@ async def proxy(request: Request) -> Response:
             continue
         state.ttfb.labels(entry.name).observe(time.monotonic() - started)
         state.requests.labels(entry.name, endpoint.id, str(upstream.status_code)).inc()
-        return _stream_back(state, entry.name, endpoint.id, upstream, strip_usage)
+        return _stream_back(state, entry.name, endpoint.id, upstream, strip_usage, key)
 
     state.errors.labels(entry.name, "upstream").inc()
     return error(502, f"upstream failure: {last_error}", "upstream_error", code="bad_gateway")
 
 
 def _stream_back(
-    state: State, model: str, endpoint_id: str, upstream: httpx.Response, strip_usage: bool
+    state: State, model: str, endpoint_id: str, upstream: httpx.Response, strip_usage: bool, key: ApiKey
 ) -> StreamingResponse:
     is_sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
     sse = SSEUsage(strip_usage) if is_sse else None
@@ -333,7 +343,9 @@ def _stream_back(
             await upstream.aclose()
             if upstream.status_code == 200:
                 usage = sse.usage if sse is not None else usage_from_json(b"".join(head))
-                state.record_usage(model, usage)
+                state.record_usage(model, usage, key.name)
+                if usage is not None:
+                    state.keys.spend(key, usage.prompt_tokens + usage.completion_tokens, time.monotonic())
 
     headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _DROP_HEADERS}
     headers["x-kubeinfer-replica"] = endpoint_id
@@ -433,6 +445,7 @@ def create_app(
     transport: httpx.AsyncBaseTransport | None = None,
     metrics: CollectorRegistry | None = None,
     discover: Callable[[Registry], Coroutine[Any, Any, None]] | None = None,
+    keys: KeyStore | None = None,
 ) -> Starlette:
     """The ASGI app. `transport` replaces the network (tests use an in-memory one); `discover`, if
     given, runs for the app's lifetime and keeps the registry current (Kubernetes discovery)."""
@@ -444,8 +457,9 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with httpx.AsyncClient(transport=transport, limits=limits, timeout=timeout) as client:
             state = State(
-                registry=registry, settings=settings, client=client, metrics=metrics or CollectorRegistry()
-            )
+                registry=registry, settings=settings, client=client, metrics=metrics or CollectorRegistry(),
+                keys=keys or KeyStore(),
+            )  # fmt: skip
             app.state.gw = state
 
             async def scraper() -> None:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from kubeinfer.api.v1alpha1 import Routing
+from kubeinfer.gateway.auth import ApiKey, KeyStore
 from kubeinfer.gateway.routing import Endpoint
 
 
@@ -34,8 +35,19 @@ class StaticModel(_Base):
     """host:port of each replica."""
 
 
+class StaticKey(_Base):
+    name: str
+    key_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    """SHA-256 of the key, hex (`printf %s "$KEY" | sha256sum`): the file never holds a key."""
+    models: list[str] | None = None
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    tokens_per_minute: int | None = Field(default=None, ge=1)
+    allow_remote: bool = False
+
+
 class StaticDiscovery(_Base):
     models: list[StaticModel]
+    api_keys: list[StaticKey] = Field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -110,3 +122,14 @@ def load_static(path: str | Path) -> Registry:
         eps = [Endpoint(id=f"{m.name}-{i}", address=a, model=m.name) for i, a in enumerate(m.endpoints)]
         reg.set_model(entry, eps)
     return reg
+
+
+def load_static_keys(path: str | Path) -> KeyStore:
+    spec = StaticDiscovery.model_validate(yaml.safe_load(Path(path).read_text()))
+    return KeyStore(
+        [
+            ApiKey(k.name, k.key_sha256, frozenset(k.models) if k.models is not None else None,
+                   k.requests_per_minute, k.tokens_per_minute, k.allow_remote)
+            for k in spec.api_keys
+        ]
+    )  # fmt: skip

@@ -1,0 +1,101 @@
+"""API keys, per-key model allow-lists and requests/tokens-per-minute limits.
+
+Keys are held only as SHA-256 digests: a presented key is hashed and compared with
+`hmac.compare_digest`, and no key is ever logged. With no keys configured the gateway runs in
+anonymous mode (local use): every request is the key `anonymous`, without limits.
+
+Limits are sliding one-minute windows per key: requests are counted when admitted, tokens when a
+response reports its usage; a key over either limit gets 429 with the seconds until the window frees.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import hmac
+from dataclasses import dataclass, field
+
+ANONYMOUS = "anonymous"
+WINDOW = 60.0
+
+
+def digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    name: str
+    """Who the key belongs to (the ledger's and metrics' label; never the key itself)."""
+    key_sha256: str
+    models: frozenset[str] | None = None
+    """Public model names this key may use; None: all."""
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    allow_remote: bool = False
+    """Whether requests with this key may go to `remote` models (which cost money per token)."""
+
+
+@dataclass
+class _Window:
+    requests: collections.deque[float] = field(default_factory=collections.deque)
+    tokens: collections.deque[tuple[float, int]] = field(default_factory=collections.deque)
+
+    def trim(self, now: float) -> None:
+        while self.requests and now - self.requests[0] >= WINDOW:
+            self.requests.popleft()
+        while self.tokens and now - self.tokens[0][0] >= WINDOW:
+            self.tokens.popleft()
+
+
+class Denied(Exception):
+    def __init__(self, status: int, code: str, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.retry_after = status, code, message, retry_after
+
+
+class KeyStore:
+    def __init__(self, keys: list[ApiKey] | None = None) -> None:
+        self.replace(keys or [])
+        self._windows: dict[str, _Window] = {}
+
+    def replace(self, keys: list[ApiKey]) -> None:
+        self._by_digest = {k.key_sha256: k for k in keys}
+
+    @property
+    def anonymous(self) -> bool:
+        return not self._by_digest
+
+    def authenticate(self, authorization: str | None) -> ApiKey:
+        """The key of an `Authorization: Bearer ...` header (or `x-api-key`); raises Denied (401)."""
+        if self.anonymous:
+            return ApiKey(ANONYMOUS, "", allow_remote=True)
+        token = (authorization or "").removeprefix("Bearer ").strip()
+        if not token:
+            raise Denied(401, "invalid_api_key", "missing API key: send Authorization: Bearer <key>")
+        wanted = digest(token)
+        found = self._by_digest.get(wanted)
+        if found is None or not hmac.compare_digest(found.key_sha256, wanted):
+            raise Denied(401, "invalid_api_key", "invalid API key")
+        return found
+
+    def admit(self, key: ApiKey, public_model: str, now: float, remote: bool = False) -> None:
+        """Check the allow-list and the limits, and count the request; raises Denied (403/429)."""
+        if key.models is not None and public_model not in key.models:
+            raise Denied(403, "model_not_allowed", f"this API key may not use model `{public_model}`")
+        if remote and not key.allow_remote:
+            raise Denied(
+                403, "remote_not_allowed", f"`{public_model}` is a remote model; this key may not use it"
+            )
+        w = self._windows.setdefault(key.name, _Window())
+        w.trim(now)
+        if key.requests_per_minute is not None and len(w.requests) >= key.requests_per_minute:
+            raise Denied(429, "rate_limit_exceeded", "requests per minute exceeded",
+                         retry_after=WINDOW - (now - w.requests[0]))  # fmt: skip
+        if key.tokens_per_minute is not None and sum(t for _, t in w.tokens) >= key.tokens_per_minute:
+            raise Denied(429, "rate_limit_exceeded", "tokens per minute exceeded",
+                         retry_after=WINDOW - (now - w.tokens[0][0]))  # fmt: skip
+        w.requests.append(now)
+
+    def spend(self, key: ApiKey, tokens: int, now: float) -> None:
+        self._windows.setdefault(key.name, _Window()).tokens.append((now, tokens))

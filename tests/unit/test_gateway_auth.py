@@ -1,0 +1,95 @@
+"""API keys: authentication, allow-lists, per-minute limits, and the ledger per key."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from starlette.testclient import TestClient
+
+from kubeinfer.gateway.app import GatewaySettings, create_app
+from kubeinfer.gateway.auth import ANONYMOUS, ApiKey, Denied, KeyStore, digest
+from kubeinfer.gateway.registry import ModelEntry, Registry, load_static_keys
+from kubeinfer.gateway.routing import Endpoint
+from tests.cases import FIXTURES
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_anonymous_mode_without_keys():
+    assert KeyStore().authenticate(None).name == ANONYMOUS
+
+
+def test_authenticate_and_limits():
+    store = KeyStore(
+        [ApiKey("team-a", digest("sk-a"), frozenset({"m"}), requests_per_minute=2, tokens_per_minute=100)]
+    )
+    key = store.authenticate("Bearer sk-a")
+    assert key.name == "team-a"
+    for bad in (None, "", "Bearer sk-b", "sk-b"):
+        with pytest.raises(Denied) as info:
+            store.authenticate(bad)
+        assert info.value.status == 401
+    with pytest.raises(Denied) as info:
+        store.admit(key, "other-model", now=0)
+    assert info.value.status == 403 and info.value.code == "model_not_allowed"
+    store.admit(key, "m", now=0)
+    store.admit(key, "m", now=1)
+    with pytest.raises(Denied) as info:
+        store.admit(key, "m", now=10)
+    assert info.value.status == 429 and 49 <= info.value.retry_after <= 50
+    store.admit(key, "m", now=61)  # the first request left the window
+    store.spend(key, 150, now=62)
+    with pytest.raises(Denied, match="tokens per minute"):
+        store.admit(key, "m", now=63)
+    with pytest.raises(Denied) as info:
+        store.admit(ApiKey("x", digest("y")), "m", now=0, remote=True)
+    assert info.value.code == "remote_not_allowed"
+
+
+def _client(store: KeyStore):
+    forwarded = []
+
+    def engine(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/metrics":
+            return httpx.Response(404)
+        forwarded.append(dict(request.headers))
+        return httpx.Response(200, content=(FIXTURES / "vllm-0.32.0" / "chat_completion.json").read_bytes(),
+                              headers={"content-type": "application/json"})  # fmt: skip
+
+    reg = Registry()
+    reg.set_model(
+        ModelEntry(name="m", served_name="m"), [Endpoint(id="r0", address="10.0.0.1:8000", model="m")]
+    )
+    app = create_app(
+        reg, GatewaySettings(scrape_interval=3600), transport=httpx.MockTransport(engine), keys=store
+    )
+    return TestClient(app), forwarded
+
+
+def test_gateway_enforces_keys_and_keeps_them_from_engines():
+    store = KeyStore([ApiKey("team-a", digest("sk-a"), requests_per_minute=1)])
+    client, forwarded = _client(store)
+    with client:
+        missing = client.post("/v1/chat/completions", json=CHAT)
+        wrong = client.post("/v1/chat/completions", json=CHAT, headers={"authorization": "Bearer nope"})
+        ok = client.post("/v1/chat/completions", json=CHAT, headers={"authorization": "Bearer sk-a"})
+        limited = client.post("/v1/chat/completions", json=CHAT, headers={"authorization": "Bearer sk-a"})
+        ledger = client.get("/v1/admin/usage").json()["data"]
+    assert missing.status_code == 401 and missing.json()["error"]["code"] == "invalid_api_key"
+    assert wrong.status_code == 401
+    assert ok.status_code == 200
+    assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
+    assert len(forwarded) == 1 and "authorization" not in forwarded[0]
+    assert forwarded[0]["accept-encoding"] == "identity"
+    assert [(r["key"], r["requests"]) for r in ledger] == [("team-a", 1)]
+    assert "sk-a" not in str(ledger)
+
+
+def test_static_file_keys(tmp_path):
+    f = tmp_path / "gw.yaml"
+    f.write_text(
+        f"models: []\napiKeys:\n- name: ci\n  keySha256: {digest('sk-ci')}\n"
+        "  models: [m]\n  requestsPerMinute: 5\n"
+    )
+    store = load_static_keys(f)
+    assert store.authenticate("Bearer sk-ci").requests_per_minute == 5
