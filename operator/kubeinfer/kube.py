@@ -134,6 +134,20 @@ async def secret_exists(api: client.ApiClient, namespace: str, name: str, key: s
     return key is None or key in (secret.data or {}) or key in (secret.string_data or {})
 
 
+async def read_secret_value(api: client.ApiClient, namespace: str, name: str, key: str) -> str | None:
+    """One value of a Secret, decoded; None if the Secret or the key is missing."""
+    import base64
+
+    try:
+        secret = await _json(await client.CoreV1Api(api).read_namespaced_secret(name, namespace, **RAW))
+    except ApiException as exc:
+        if exc.status in (403, 404):
+            return None
+        raise
+    value = (secret.get("data") or {}).get(key)
+    return base64.b64decode(value).decode() if value is not None else None
+
+
 async def get_model(api: client.ApiClient, namespace: str, name: str) -> dict[str, Any] | None:
     try:
         obj = await client.CustomObjectsApi(api).get_namespaced_custom_object(

@@ -90,3 +90,31 @@ async def test_replicas_follow_pod_readiness(k8s_api):
         task.cancel()
         for name in ("disc-a", "disc-b"):
             await core.delete_namespaced_pod(name, NS, grace_period_seconds=0)
+
+
+async def test_remote_model_gets_its_key_from_the_secret(k8s_api):
+    await install_crd(k8s_api)
+    await ensure_namespace(k8s_api, NS)
+    objs, core = client.CustomObjectsApi(k8s_api), client.CoreV1Api(k8s_api)
+    await core.create_namespaced_secret(
+        NS, {"metadata": {"name": "upstream"}, "stringData": {"api-key": "sk-up"}}
+    )
+    remote = {
+        "baseURL": "https://api.example.com/v1",
+        "model": "large",
+        "apiKeySecretRef": {"name": "upstream", "key": "api-key"},
+    }
+    body = {"apiVersion": contract.API_VERSION, "kind": contract.KIND, "metadata": {"name": "rem"},
+            "spec": {"model": {"servedName": "remote/large"}, "remote": remote}}  # fmt: skip
+    await objs.create_namespaced_custom_object(contract.GROUP, contract.VERSION, NS, contract.PLURAL, body)
+    reg = Registry()
+    disc = Discovery(k8s_api, reg, namespace=NS)
+    task = asyncio.create_task(disc.run())
+    try:
+        await _until(lambda: (e := reg.resolve("remote/large")) is not None and e.remote.api_key == "sk-up")
+        assert [e.id for e in reg.ready_endpoints("rem")] == ["remote:rem"]
+    finally:
+        task.cancel()
+        await objs.delete_namespaced_custom_object(
+            contract.GROUP, contract.VERSION, NS, contract.PLURAL, "rem"
+        )

@@ -229,7 +229,7 @@ async def proxy(request: Request) -> Response:
         return error(400, f"model `{model}` accepts text only", "invalid_request_error", param="messages",
                      code="modality_unsupported")  # fmt: skip
     try:
-        state.keys.admit(key, model, time.monotonic())
+        state.keys.admit(key, model, time.monotonic(), remote=entry.remote is not None)
     except Denied as denied:
         state.errors.labels(entry.name, denied.code).inc()
         wait = {"Retry-After": str(max(1, round(denied.retry_after)))} if denied.retry_after else None
@@ -247,6 +247,11 @@ async def proxy(request: Request) -> Response:
     headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_HEADERS | _CLIENT_ONLY}
     # The engine hop stays uncompressed (httpx would ask for gzip), so usage can be read off the bytes.
     headers["accept-encoding"] = "identity"
+    if entry.remote is not None:
+        # A remote API gets its own model id and key; the client's key stays here.
+        raw = json.dumps({**send, "model": entry.remote.model}).encode()
+        if entry.remote.api_key:
+            headers["authorization"] = f"Bearer {entry.remote.api_key}"
     tried: frozenset[str] = frozenset()
     last_error = "no ready replica"
     queue = state.queues.setdefault(entry.name, ModelQueue())
@@ -277,7 +282,10 @@ async def proxy(request: Request) -> Response:
             endpoint = retry
             state.retries.labels(entry.name).inc()
         tried = tried | {endpoint.id}
-        url = f"http://{endpoint.address}/v1/{path}"
+        if entry.remote is not None:
+            url = f"{entry.remote.base_url.rstrip('/')}/{path}"
+        else:
+            url = f"http://{endpoint.address}/v1/{path}"
         started = time.monotonic()
         try:
             upstream = await state.client.send(
@@ -435,7 +443,12 @@ async def scrape_once(state: State) -> None:
         load = state.loads.get(endpoint_id, Load())
         state.loads[endpoint_id] = Load(load.inflight, stats, time.monotonic())
 
-    endpoints = [e for eps in state.registry.endpoints.values() for e in eps if e.ready]
+    endpoints = [
+        e
+        for eps in state.registry.endpoints.values()
+        for e in eps
+        if e.ready and not e.id.startswith("remote:")
+    ]
     await asyncio.gather(*(one(e.id, e.address) for e in endpoints))
 
 

@@ -17,14 +17,15 @@ from kubernetes_asyncio import client
 
 from kubeinfer import contract, kube
 from kubeinfer.api.v1alpha1 import Routing
-from kubeinfer.gateway.registry import ModelEntry, Registry
+from kubeinfer.gateway.registry import ModelEntry, Registry, RemoteTarget, remote_endpoint
 from kubeinfer.gateway.routing import Endpoint
 
 
-def entry_from_model(body: dict[str, Any]) -> ModelEntry:
+def entry_from_model(body: dict[str, Any], remote_key: str | None = None) -> ModelEntry:
     meta, spec = body.get("metadata") or {}, body.get("spec") or {}
     model = spec.get("model") or {}
     routing = Routing.model_validate(spec.get("routing") or {})
+    remote = spec.get("remote")
     return ModelEntry(
         name=meta["name"],
         served_name=model.get("servedName") or meta["name"],
@@ -33,6 +34,7 @@ def entry_from_model(body: dict[str, Any]) -> ModelEntry:
         modalities=tuple(spec.get("modalities") or ("text",)),
         routing=routing,
         max_num_seqs=spec.get("maxNumSeqs"),
+        remote=RemoteTarget(remote["baseURL"], remote["model"], remote_key) if remote else None,
     )
 
 
@@ -65,6 +67,8 @@ class Discovery:
         self.models: dict[str, ModelEntry] = {}
         self.pods: dict[str, dict[str, Endpoint]] = {}  # model -> pod name -> endpoint
         self.synced = asyncio.Event()
+        self.remote_keys: dict[str, str | None] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
         self._synced_parts: set[str] = set()
 
     def _key(self, ns: str, name: str) -> str:
@@ -76,6 +80,9 @@ class Discovery:
         if entry is None:
             self.registry.remove_model(key)
             return
+        if entry.remote is not None:
+            self.registry.set_model(entry, [remote_endpoint(key, entry.remote.base_url)])
+            return
         endpoints = sorted(self.pods.get(key, {}).values(), key=lambda e: e.id)
         self.registry.set_model(entry, endpoints)
 
@@ -85,9 +92,26 @@ class Discovery:
         if kind == "DELETED":
             self.models.pop(key, None)
         else:
-            entry = entry_from_model(body)
+            entry = entry_from_model(body, self.remote_keys.get(key))
             self.models[key] = ModelEntry(**{**entry.__dict__, "name": key})
+            ref = ((body.get("spec") or {}).get("remote") or {}).get("apiKeySecretRef")
+            if ref and self.api is not None:
+                # The key is read from its Secret off the watch path; until then requests go keyless.
+                task = asyncio.get_running_loop().create_task(
+                    self._load_key(key, meta.get("namespace", ""), ref)
+                )
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
         self._publish(key)
+
+    async def _load_key(self, key: str, namespace: str, ref: dict[str, Any]) -> None:
+        value = await kube.read_secret_value(self.api, namespace, ref["name"], ref.get("key", "token"))
+        self.remote_keys[key] = value
+        entry = self.models.get(key)
+        if entry is not None and entry.remote is not None and value is not None:
+            remote = RemoteTarget(entry.remote.base_url, entry.remote.model, value)
+            self.models[key] = ModelEntry(**{**entry.__dict__, "remote": remote})
+            self._publish(key)
 
     def on_pod(self, kind: str, pod: dict[str, Any]) -> None:
         found = endpoint_from_pod(pod)

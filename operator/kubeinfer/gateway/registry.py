@@ -6,6 +6,7 @@ path only reads it. Pure data, no I/O except `load_static`.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -23,8 +24,16 @@ class _Base(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
 
 
+class StaticRemote(_Base):
+    base_url: str = Field(alias="baseURL")
+    model: str
+    api_key_env: str | None = None
+    """Environment variable holding the upstream key (the file never holds it)."""
+
+
 class StaticModel(_Base):
     name: str
+    remote: StaticRemote | None = None
     served_name: str | None = None
     aliases: list[str] = Field(default_factory=list)
     engine: Literal["vllm", "llama-server"] = "vllm"
@@ -51,6 +60,20 @@ class StaticDiscovery(_Base):
 
 
 @dataclass(frozen=True)
+class RemoteTarget:
+    """An OpenAI-compatible API elsewhere: requests go to `base_url` with `model` and `api_key`."""
+
+    base_url: str
+    model: str
+    api_key: str | None = None
+
+
+def remote_endpoint(model: str, base_url: str) -> Endpoint:
+    """The always-ready pseudo-replica of a remote model (':' cannot occur in a pod name)."""
+    return Endpoint(id=f"remote:{model}", address=base_url, model=model)
+
+
+@dataclass(frozen=True)
 class ModelEntry:
     name: str
     served_name: str
@@ -59,6 +82,7 @@ class ModelEntry:
     modalities: tuple[str, ...] = ("text",)
     routing: Routing = field(default_factory=Routing)
     max_num_seqs: int | None = None
+    remote: RemoteTarget | None = None
 
     @property
     def target_inflight(self) -> int:
@@ -115,11 +139,17 @@ def load_static(path: str | Path) -> Registry:
     spec = StaticDiscovery.model_validate(data)
     reg = Registry()
     for m in spec.models:
+        remote = None
+        if m.remote is not None:
+            key = os.environ.get(m.remote.api_key_env) if m.remote.api_key_env else None
+            remote = RemoteTarget(m.remote.base_url, m.remote.model, key)
         entry = ModelEntry(
             name=m.name, served_name=m.served_name or m.name, aliases=tuple(m.aliases), engine=m.engine,
-            modalities=tuple(m.modalities), routing=m.routing, max_num_seqs=m.max_num_seqs,
+            modalities=tuple(m.modalities), routing=m.routing, max_num_seqs=m.max_num_seqs, remote=remote,
         )  # fmt: skip
         eps = [Endpoint(id=f"{m.name}-{i}", address=a, model=m.name) for i, a in enumerate(m.endpoints)]
+        if remote is not None:  # one always-ready pseudo-replica: the remote API
+            eps = [remote_endpoint(m.name, remote.base_url)]
         reg.set_model(entry, eps)
     return reg
 
