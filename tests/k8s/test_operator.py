@@ -365,3 +365,33 @@ async def test_operator_status_fields_are_all_declared(api, wait_for):
         assert not any(k.startswith("kopf.zalando.org") for k in annotations), annotations
         assert "kopf" not in json.dumps(obj["status"])
         assert not obj["metadata"].get("finalizers")
+
+
+async def test_gateway_discovers_what_the_operator_runs(api, wait_for):
+    """Operator and gateway agree on the contract: the pods the operator makes are the gateway's replicas."""
+    from kubeinfer.gateway.discovery import Discovery
+    from kubeinfer.gateway.registry import Registry
+
+    name = "tiny-h"
+    async with created(api, tiny(name, replicas=2)):
+        await wait_for(await _ready(api, name, want_ready=2), timeout=90, what="2 ready replicas")
+        reg = Registry()
+        disc = Discovery(api, reg, namespace=NS)
+        task = asyncio.create_task(disc.run())
+        try:
+            await asyncio.wait_for(disc.synced.wait(), 10)
+
+            async def replicas():
+                entry = reg.resolve("tiny-gguf")
+                return entry is not None and len(reg.ready_endpoints(entry.name)) == 2
+
+            await wait_for(replicas, timeout=10, what="gateway sees both replicas")
+            entry = reg.resolve("tiny-gguf")
+            pods = await client.CoreV1Api(api).list_namespaced_pod(
+                NS, label_selector=f"{contract.LABEL_MODEL}={name}"
+            )
+            ips = {f"{p.status.pod_ip}:{contract.ENGINE_PORT}" for p in pods.items}
+            assert {e.address for e in reg.ready_endpoints(entry.name)} == ips
+            assert entry.engine == "llama-server" and entry.max_num_seqs == 4
+        finally:
+            task.cancel()
