@@ -209,11 +209,11 @@ def is_cached(name: str) -> bool:
 # --- Helpers ---------------------------------------------------------------------------------------
 
 
-def _log(msg: str) -> None:
+def log(msg: str) -> None:
     print(f"[kubeinfer build] {msg}", file=sys.stderr, flush=True)
 
 
-def _fmt_secs(seconds: float) -> str:
+def fmt_secs(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     return f"{m}m{s:02d}s" if m else f"{s}s"
 
@@ -301,24 +301,25 @@ def _wrapper_gomod(comp: Component, info: ModuleInfo) -> str:
     return "\n".join(lines)
 
 
-def _run_logged(cmd: list[str], cwd: Path, label: str, started: float) -> None:
-    """Run a long command with its output in a temp file; say every minute that it is alive."""
+def run_logged(cmd: list[str], cwd: Path, env: dict[str, str], label: str, started: float) -> None:
+    """Run a long build command with its output in a temp file; say every minute that it is alive.
+    Shared with the llama-server build (kubeinfer.engines.llamacpp)."""
     with tempfile.TemporaryFile(mode="w+") as out:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=_go_env(), stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
         while True:
             try:
                 rc = proc.wait(timeout=HEARTBEAT_SECONDS)
                 break
             except subprocess.TimeoutExpired:
-                _log(f"  ... {label} still building ({_fmt_secs(time.monotonic() - started)})")
-            except BaseException:  # Ctrl-C: don't leave `go build` running behind us
+                log(f"  ... {label} ({fmt_secs(time.monotonic() - started)})")
+            except BaseException:  # Ctrl-C: don't leave the compiler running behind us
                 proc.kill()
                 proc.wait()
                 raise
         if rc != 0:
             out.seek(0)
             tail = "\n".join(out.read().splitlines()[-60:])
-            raise BuildError(f"building {label} failed (exit {rc}):\n{tail}")
+            raise BuildError(f"{label} failed (exit {rc}): {' '.join(cmd)}\n{tail}")
 
 
 def build_component(comp: Component) -> Path:
@@ -327,7 +328,7 @@ def build_component(comp: Component) -> Path:
     dest_dir = bin_root() / comp.dirname
     dest = dest_dir / comp.name
     started = time.monotonic()
-    _log(f"building {comp.name} {comp.version} ({comp.package}) ...")
+    log(f"building {comp.name} {comp.version} ({comp.package}) ...")
     with tempfile.TemporaryDirectory(prefix=f"kubeinfer-build-{comp.name}-") as tmp:
         work = Path(tmp)
         info = _module_info(go, comp.module, comp.version, work)
@@ -341,7 +342,7 @@ def build_component(comp: Component) -> Path:
         cmd += ["-o", str(tmp_bin), comp.package]
         try:
             # -mod=mod lets go resolve the wrapper's requirements and write its go.sum itself.
-            _run_logged(cmd, work, comp.name, started)
+            run_logged(cmd, work, _go_env(), f"building {comp.name}", started)
             for src, rel in comp.data_files:
                 target = dest_dir / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -350,20 +351,22 @@ def build_component(comp: Component) -> Path:
             tmp_bin.replace(dest)  # atomic: only now is the component "cached"
         finally:
             tmp_bin.unlink(missing_ok=True)
-    _log(f"built {comp.name} {comp.version} in {_fmt_secs(time.monotonic() - started)} -> {dest}")
+    log(f"built {comp.name} {comp.version} in {fmt_secs(time.monotonic() - started)} -> {dest}")
     return dest
 
 
 @contextlib.contextmanager
-def _build_lock() -> Iterator[None]:
-    """Serialize builds between processes (two test sessions starting at once)."""
+def build_lock(name: str = "") -> Iterator[None]:
+    """Serialize builds between processes (two test sessions starting at once). Each `name` has its
+    own lock, so the control plane and llama-server can build side by side."""
     root = bin_root()
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "w") as fh:
+    what = f"{name} build" if name else "build"
+    with open(root / (f".lock-{name}" if name else ".lock"), "w") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            _log("another build is running; waiting for it ...")
+            log(f"another {what} is running; waiting for it ...")
             fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
@@ -382,12 +385,12 @@ def ensure_binaries(components: Iterable[str] | None = None, *, force: bool = Fa
         raise KeyError(f"unknown component(s) {unknown}; known: {sorted(COMPONENTS)}")
     missing = [n for n in names if force or not is_cached(n)]
     if missing:
-        with _build_lock():
+        with build_lock():
             total = time.monotonic()
             for name in missing:
                 if force or not is_cached(name):  # another process may have built it meanwhile
                     build_component(COMPONENTS[name])
-            _log(f"all built in {_fmt_secs(time.monotonic() - total)}")
+            log(f"all built in {fmt_secs(time.monotonic() - total)}")
     return {n: binary_path(n) for n in names}
 
 
@@ -409,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         paths = ensure_binaries(names, force=args.force)
     except (BuildError, KeyError) as exc:
-        _log(f"error: {exc.args[0] if isinstance(exc, KeyError) else exc}")
+        log(f"error: {exc.args[0] if isinstance(exc, KeyError) else exc}")
         return 1
     for name, path in paths.items():
         print(f"{name}={path}" if args.print_paths else f"{name}: {path}")

