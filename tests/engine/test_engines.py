@@ -263,10 +263,11 @@ def test_vllm_metrics_prefix_cache(vllm_server: Any) -> None:
 
 
 async def test_vllm_metrics_under_load(vllm_server: Any) -> None:
-    """16 requests against --max-num-seqs 8: the scrape shows 8 running and the rest waiting."""
+    """24 requests against --max-num-seqs 8: the scrape shows 8 running and the rest waiting."""
     # Two full batches of 400 tokens each (the prompt is ~20 byte tokens; --max-model-len 512): with
     # short answers the tiny model is done before a scrape of the busy server returns.
-    scrapes, responses = await _load_and_watch(vllm_server.base_url, VLLM_MODEL, 16, 400, "Tell me a story")
+    # Three batches, so requests still wait after a slow scrape of the busy server has come back.
+    scrapes, responses = await _load_and_watch(vllm_server.base_url, VLLM_MODEL, 24, 400, "Tell me a story")
     assert all(r.usage.completion_tokens == 400 for r in responses)
     max_running = max(s.running for s in scrapes)
     max_waiting = max(s.waiting for s in scrapes)
