@@ -90,6 +90,7 @@ FULL_VLLM: dict[str, Any] = {
         "queueTimeout": "20s",
         "sessionHeader": "X-Session-Id",
     },
+    "pricing": {"promptPer1M": 0.2, "completionPer1M": 0.6},
     "image": "example/vllm:custom",
     "extraArgs": ["--enforce-eager"],
     "env": [{"name": "FOO", "value": "bar"}],
@@ -349,6 +350,15 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         "remote models run no pods",
     ),
     ("remote-bad-url", {"model": {}, "remote": {"baseURL": "api.example.com", "model": "x"}}, "baseURL"),
+    (
+        "remote-bad-native-api",
+        {
+            "model": {},
+            "remote": {"baseURL": "https://api.example.com/v1", "model": "x", "nativeAPIs": ["chat"]},
+        },
+        "nativeAPIs",
+    ),
+    ("negative-price", _with(VLLM_MIN, "pricing", {"promptPer1M": -1}), "promptPer1M"),
     ("bad-parameters", _with(VLLM_MIN, "model.parameters", "seven billion"), "parameters"),
     (
         "served-name-in-aliases",

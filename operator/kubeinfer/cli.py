@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -161,17 +163,23 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     import prometheus_client
     import uvicorn
 
+    from kubeinfer.gateway import logs
     from kubeinfer.gateway.app import GatewaySettings, create_app
+    from kubeinfer.gateway.auth import KeyStore
+
+    logs.configure(args.log_format, access_log=not args.no_access_log)
     from kubeinfer.gateway.registry import load_static, load_static_keys
 
     discover = None
-    keys = None
+    ready = None
+    keys = KeyStore(required=args.auth == "keys")
     if args.static:
         if not Path(args.static).is_file():
             raise CLIError(f"{args.static}: no such file")
         try:
             registry = load_static(args.static)
-            keys = load_static_keys(args.static)
+            if args.auth != "anonymous":
+                keys.replace(load_static_keys(args.static))
         except Exception as exc:  # pydantic or YAML errors: one clear line
             raise CLIError(f"{args.static}: {exc}") from None
     else:
@@ -180,16 +188,27 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         from kubeinfer.gateway.registry import Registry
 
         registry = Registry()
+        keys_namespace = args.keys_namespace or os.environ.get("POD_NAMESPACE") or None
+        synced = asyncio.Event()
+        ready = synced.is_set
 
         async def discover(reg: Registry) -> None:
             async with kube.api_client() as api:
-                await Discovery(api, reg, namespace=args.namespace).run()
+                found = Discovery(
+                    api, reg, namespace=args.namespace, keys=None if args.auth == "anonymous" else keys,
+                    keys_namespace=keys_namespace,
+                )  # fmt: skip
+                found.synced = synced  # /readyz answers 200 once models, pods and keys are listed
+                await found.run()
 
-    settings = GatewaySettings(scrape_interval=args.scrape_interval, hold_timeout=args.hold_timeout)
+    settings = GatewaySettings(
+        scrape_interval=args.scrape_interval, hold_timeout=args.hold_timeout, retries=args.retries,
+        max_body_bytes=args.max_body_bytes,
+    )  # fmt: skip
     metrics = prometheus_client.CollectorRegistry()
     if args.metrics_port:  # the same registry is also served at /metrics on the API port
         prometheus_client.start_http_server(args.metrics_port, registry=metrics)
-    app = create_app(registry, settings, metrics=metrics, discover=discover, keys=keys)
+    app = create_app(registry, settings, metrics=metrics, discover=discover, keys=keys, ready=ready)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
     return 0
 
@@ -241,6 +260,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=0, help="also serve /metrics on this port")
     p.add_argument("--scrape-interval", type=float, default=1.0)
     p.add_argument("--hold-timeout", type=float, default=30.0, help="seconds to wait for a ready replica")
+    p.add_argument("--retries", type=int, default=2, help="retries on another replica before the first byte")
+    p.add_argument("--max-body-bytes", type=int, default=32 << 20, help="larger request bodies get 413")
+    p.add_argument(
+        "--auth",
+        choices=("auto", "keys", "anonymous"),
+        default="auto",
+        help="keys: every request needs an API key; anonymous: none needed; auto: anonymous until a "
+        "key is configured (local use)",
+    )
+    p.add_argument("--log-format", choices=("json", "text"), default="json", help="log line format")
+    p.add_argument("--no-access-log", action="store_true", help="no log line per proxied request")
+    p.add_argument(
+        "--keys-namespace",
+        help="namespace of the API-key Secrets (default: $POD_NAMESPACE, else all namespaces)",
+    )
     p.set_defaults(func=cmd_gateway)
 
     p = sub.add_parser("demo", help="local control plane + operator + a tiny model, to Ready")

@@ -33,6 +33,18 @@ ANNOTATION_MODALITIES: Final = f"{GROUP}/modalities"  # JSON list, e.g. ["text",
 ANNOTATION_PORT: Final = f"{GROUP}/port"
 ANNOTATION_METRICS_PATH: Final = f"{GROUP}/metrics-path"
 
+# API keys of the gateway are Secrets with this label (value "true"). The key itself is the Secret's
+# data item API_KEY_DATA (or its SHA-256 in API_KEY_SHA256_DATA); the policy is in annotations, so
+# `kubectl get secret -o yaml` shows who may do what without revealing the key.
+LABEL_API_KEY: Final = f"{GROUP}/api-key"
+API_KEY_DATA: Final = "key"
+API_KEY_SHA256_DATA: Final = "keySha256"
+ANNOTATION_KEY_NAME: Final = f"{GROUP}/key-name"  # ledger/metrics name; default: the Secret's name
+ANNOTATION_KEY_MODELS: Final = f"{GROUP}/models"  # comma-separated public model names; absent: all
+ANNOTATION_KEY_RPM: Final = f"{GROUP}/requests-per-minute"
+ANNOTATION_KEY_TPM: Final = f"{GROUP}/tokens-per-minute"
+ANNOTATION_KEY_ALLOW_REMOTE: Final = f"{GROUP}/allow-remote"  # "true" lets the key use remote models
+
 # Every engine container listens here; the gateway connects to podIP:ENGINE_PORT.
 ENGINE_PORT: Final = 8000
 ENGINE_PORT_NAME: Final = "http"

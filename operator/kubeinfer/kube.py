@@ -346,3 +346,20 @@ async def watch_pods(
         lister = core.list_pod_for_all_namespaces
         args = ()
     await list_then_watch("pod", lister, args, {"label_selector": selector}, handle, on_synced)
+
+
+async def watch_secrets(
+    api: client.ApiClient,
+    namespace: str | None,
+    selector: str,
+    handle: Handler,
+    on_synced: Callable[[], None],
+) -> None:
+    core = client.CoreV1Api(api)
+    if namespace:
+        lister: Any = core.list_namespaced_secret
+        args: tuple[Any, ...] = (namespace,)
+    else:
+        lister = core.list_secret_for_all_namespaces
+        args = ()
+    await list_then_watch("secret", lister, args, {"label_selector": selector}, handle, on_synced)

@@ -7,7 +7,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from kubeinfer.gateway.app import GatewaySettings, create_app
-from kubeinfer.gateway.auth import ANONYMOUS, ApiKey, Denied, KeyStore, digest
+from kubeinfer.gateway.auth import ANONYMOUS, ApiKey, Denied, KeyStore, api_key_from_secret, digest
 from kubeinfer.gateway.registry import ModelEntry, Registry, load_static_keys
 from kubeinfer.gateway.routing import Endpoint
 from tests.cases import FIXTURES
@@ -91,5 +91,91 @@ def test_static_file_keys(tmp_path):
         f"models: []\napiKeys:\n- name: ci\n  keySha256: {digest('sk-ci')}\n"
         "  models: [m]\n  requestsPerMinute: 5\n"
     )
-    store = load_static_keys(f)
+    store = KeyStore(load_static_keys(f))
     assert store.authenticate("Bearer sk-ci").requests_per_minute == 5
+
+
+def _secret(data: dict[str, str], annotations: dict[str, str] | None = None, name: str = "team-a"):
+    import base64
+
+    return {
+        "metadata": {"name": name, "namespace": "gw", "annotations": annotations or {}},
+        "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
+    }
+
+
+def test_key_from_secret_with_policy():
+    key = api_key_from_secret(
+        _secret(
+            {"key": "sk-team-a\n"},  # a trailing newline from `echo` must not change the key
+            {
+                "kubeinfer.io/key-name": "team-a",
+                "kubeinfer.io/models": "tiny, big ,",
+                "kubeinfer.io/requests-per-minute": "30",
+                "kubeinfer.io/tokens-per-minute": "1000",
+                "kubeinfer.io/allow-remote": "true",
+            },
+        )
+    )
+    assert key == ApiKey("team-a", digest("sk-team-a"), frozenset({"tiny", "big"}), 30, 1000, True)
+    store = KeyStore([key])
+    assert store.authenticate("Bearer sk-team-a").name == "team-a"
+
+
+def test_key_from_secret_digest_and_defaults():
+    key = api_key_from_secret(_secret({"keySha256": digest("sk-x").upper()}, name="ops"))
+    assert (key.name, key.key_sha256, key.models, key.requests_per_minute, key.allow_remote) == (
+        "ops", digest("sk-x"), None, None, False,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("data", "annotations", "message"),
+    [
+        ({}, {}, "no data.key or data.keySha256"),
+        ({"key": "  "}, {}, "data.key is empty"),
+        ({"keySha256": "abc"}, {}, "not a hex SHA-256"),
+        ({"key": "sk"}, {"kubeinfer.io/requests-per-minute": "many"}, "requests-per-minute"),
+        ({"key": "sk"}, {"kubeinfer.io/tokens-per-minute": "0"}, "tokens-per-minute"),
+    ],
+)
+def test_bad_key_secrets_are_explained(data, annotations, message):
+    with pytest.raises(ValueError, match=message) as err:
+        api_key_from_secret(_secret(data, annotations))
+    assert "sk" not in str(err.value).replace("SHA-256", "")
+
+
+def test_not_base64_key_is_refused():
+    secret = {"metadata": {"name": "x"}, "data": {"key": "***"}}
+    with pytest.raises(ValueError, match="base64"):
+        api_key_from_secret(secret)
+
+
+def test_required_store_refuses_everything_without_keys():
+    store = KeyStore(required=True)
+    assert not store.anonymous
+    with pytest.raises(Denied) as err:
+        store.authenticate("Bearer anything")
+    assert err.value.status == 401
+    assert KeyStore().authenticate(None).name == ANONYMOUS
+
+
+def test_discovery_tracks_key_secrets():
+    from kubeinfer.gateway.discovery import Discovery
+
+    store = KeyStore(required=True)
+    found = Discovery(None, Registry(), keys=store)  # type: ignore[arg-type]
+    found.on_secret("ADDED", _secret({"key": "sk-1"}, name="one"))
+    found.on_secret("ADDED", _secret({"key": "sk-2"}, name="two"))
+    found.on_secret("ADDED", _secret({}, name="broken"))  # ignored, others unaffected
+    assert store.authenticate("Bearer sk-1").name == "one"
+    found.on_secret("MODIFIED", _secret({"key": "sk-1b"}, name="one"))  # rotated
+    with pytest.raises(Denied):
+        store.authenticate("Bearer sk-1")
+    assert store.authenticate("Bearer sk-1b").name == "one"
+    found.on_secret("DELETED", _secret({"key": "sk-2"}, name="two"))
+    with pytest.raises(Denied):
+        store.authenticate("Bearer sk-2")
+    found.on_secret("DELETED", _secret({"key": "sk-1b"}, name="one"))
+    with pytest.raises(Denied):  # the last key gone: still closed, not anonymous
+        store.authenticate(None)

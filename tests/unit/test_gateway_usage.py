@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import httpx
+import pytest
 from starlette.testclient import TestClient
 
 from kubeinfer.gateway.app import GatewaySettings, create_app
+from kubeinfer.gateway.logs import JSONFormatter
 from kubeinfer.gateway.registry import ModelEntry, Registry
 from kubeinfer.gateway.routing import Endpoint
 from kubeinfer.gateway.usage import SSEUsage, Usage, prepare_stream_request, usage_from_json
@@ -110,3 +113,62 @@ def test_ledger_counts_tokens_and_client_sees_what_it_asked_for():
     assert row["promptTokens"] == expected["prompt_tokens"] + 25 + 25
     assert row["completionTokens"] == expected["completion_tokens"] + 5 + 5
     assert 'kubeinfer_gateway_tokens_total{key="anonymous",kind="completion",model="m"}' in metrics
+
+
+def test_ledger_estimates_cost_from_pricing():
+    from kubeinfer.api.v1alpha1 import Pricing
+
+    priced = ModelEntry(name="m", served_name="m", pricing=Pricing(prompt_per1_m=2.0, completion_per1_m=8.0))
+    assert priced.cost(1_000_000, 500_000) == pytest.approx(6.0)
+    assert ModelEntry(name="free", served_name="free").cost(10**9, 10**9) == 0.0
+
+    def engine(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=(VLLM / "chat_completion.json").read_bytes(),
+                              headers={"content-type": "application/json"})  # fmt: skip
+
+    reg = Registry()
+    reg.set_model(priced, [Endpoint(id="r0", address="10.0.0.1:8000", model="m")])
+    app = create_app(reg, GatewaySettings(scrape_interval=3600), transport=httpx.MockTransport(engine))
+    with TestClient(app) as client:
+        for _ in range(3):
+            client.post("/v1/chat/completions", json={"model": "m", "messages": []})
+        (row,) = client.get("/v1/admin/usage").json()["data"]
+        metrics = client.get("/metrics").text
+    usage = json.loads((VLLM / "chat_completion.json").read_text())["usage"]
+    want = 3 * (usage["prompt_tokens"] * 2.0 + usage["completion_tokens"] * 8.0) / 1e6
+    assert row["estimatedCost"] == pytest.approx(want)
+    assert 'kubeinfer_gateway_estimated_cost_total{key="anonymous",model="m"}' in metrics
+
+
+def test_request_metrics_headers_and_access_log(caplog):
+    client, _ = _gateway()
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    with caplog.at_level(logging.INFO, logger="kubeinfer.gateway.access"), client:
+        r = client.post("/v1/chat/completions", json=chat, headers={"authorization": "Bearer sk-secret"})
+        metrics = client.get("/metrics").text
+    assert r.status_code == 200
+    assert r.headers["x-kubeinfer-replica"] == "r0"
+    assert float(r.headers["x-kubeinfer-queue-wait-ms"]) >= 0
+    for name in (
+        'kubeinfer_gateway_queue_wait_seconds_count{model="m"} 1.0',
+        'kubeinfer_gateway_time_to_first_token_seconds_count{model="m",replica="r0"} 1.0',
+        'kubeinfer_gateway_request_duration_seconds_count{model="m",replica="r0"} 1.0',
+        'kubeinfer_gateway_output_tokens_per_second_count{model="m"} 1.0',
+    ):
+        assert name in metrics
+    (record,) = [r for r in caplog.records if r.name == "kubeinfer.gateway.access"]
+    line = json.loads(JSONFormatter().format(record))
+    assert (line["model"], line["replica"], line["status"], line["outcome"]) == ("m", "r0", 200, "ok")
+    assert line["completion_tokens"] == 5 and line["prompt_tokens"] == 25
+    assert line["duration_ms"] >= line["ttft_ms"] >= 0
+    assert "sk-secret" not in json.dumps(line) and "hi" not in str(line.get("msg"))
+
+
+def test_readyz_waits_for_discovery():
+    synced = {"done": False}
+    app = create_app(Registry(), GatewaySettings(scrape_interval=3600), ready=lambda: synced["done"])
+    with TestClient(app) as client:
+        assert client.get("/readyz").status_code == 503
+        assert client.get("/healthz").status_code == 200
+        synced["done"] = True
+        assert client.get("/readyz").status_code == 200

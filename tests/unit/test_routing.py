@@ -16,6 +16,7 @@ from kubeinfer.gateway.routing import (
     choose,
     load_score,
     prefix_key,
+    ring,
 )
 from kubeinfer.gateway.scrape import ReplicaStats, parse_metrics
 from tests.cases import FIXTURES
@@ -490,3 +491,23 @@ def test_prefix_key_routes_shared_system_prompts_to_one_replica():
         for q in ("a", "b", "c", "d", "e")
     }
     assert len(chosen) == 1
+
+
+def test_prefix_stays_on_owner_at_low_load_and_spills_when_busy():
+    """A lightly loaded fleet keeps a hot prefix on its owner (its KV cache) rather than paying a full
+    prefill elsewhere; only a busy owner spills."""
+    eps = [Endpoint(id=f"r{i}", address=f"10.0.0.{i}:8000", model="m") for i in range(8)]
+    req = RouteRequest(model="m", prefix_key="a long shared system prompt")
+    owner = ring(tuple(sorted(e.id for e in eps))).owner(req.prefix_key)
+
+    def pick(inflight: int, **kw):
+        loads = {owner: Load(inflight=inflight)}
+        return choose("prefix-aware", eps, loads, req, now=0.0, scrape_interval=1.0, rr_counter=0,
+                      target_inflight=32, **kw)  # fmt: skip
+
+    assert pick(3) == Decision(owner, "prefix-hit")
+    assert pick(15) == Decision(owner, "prefix-hit")  # under half of targetInflight
+    busy = pick(20)
+    assert busy is not None and busy.endpoint_id != owner and busy.reason == "prefix-hit"
+    # Without the floor the mean-based bound alone spills at the third request.
+    assert pick(3, min_bound=0).endpoint_id != owner

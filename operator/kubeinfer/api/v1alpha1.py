@@ -324,6 +324,18 @@ class Routing(Base):
     """Request header whose value pins a session to one replica."""
 
 
+class Pricing(Base):
+    """What the gateway's usage ledger charges per million tokens (an estimate, in your currency)."""
+
+    prompt_per1_m: float = Field(default=0, ge=0, le=1_000_000, alias="promptPer1M")
+    """Cost of one million prompt (input) tokens."""
+    completion_per1_m: float = Field(default=0, ge=0, le=1_000_000, alias="completionPer1M")
+    """Cost of one million completion (output) tokens."""
+
+
+RemoteAPI = Literal["chat/completions", "completions", "embeddings", "responses", "messages"]
+
+
 class Remote(Base):
     """An existing OpenAI-compatible endpoint served through the gateway (no pods)."""
 
@@ -333,6 +345,12 @@ class Remote(Base):
     """Model id to send upstream."""
     api_key_secret_ref: SecretKeyRef | None = None
     """Secret holding the upstream API key."""
+    native_apis: list[RemoteAPI] = Field(
+        default=["chat/completions", "completions", "embeddings"], alias="nativeAPIs", max_length=5,
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+    )  # fmt: skip
+    """Endpoints the remote serves itself; `responses` and `messages` requests are translated to
+    `chat/completions` when they are not listed."""
 
 
 class EnvVar(Base):
@@ -509,6 +527,7 @@ class LLMModelSpec(Base):
     """Desired replicas (the scale subresource)."""
     autoscaling: Autoscaling | None = None
     routing: Routing | None = None
+    pricing: Pricing | None = None
     remote: Remote | None = None
     image: str | None = Field(default=None, max_length=512, pattern=r"^[^\s]+$")
     """Engine image override (default from the operator's configuration)."""

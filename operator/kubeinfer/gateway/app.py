@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -30,6 +31,9 @@ from kubeinfer.gateway.registry import ModelEntry, Registry
 from kubeinfer.gateway.routing import Endpoint, Load, RouteRequest, choose, prefix_key
 from kubeinfer.gateway.scrape import ScrapeError, parse_metrics
 from kubeinfer.gateway.usage import SSEUsage, Usage, prepare_stream_request, usage_from_json
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_access_log = logging.getLogger("kubeinfer.gateway.access")
 
 PROXIED = ("chat/completions", "completions", "embeddings", "responses", "messages")
 RETRY_STATUSES = {502, 503, 504}
@@ -60,7 +64,7 @@ class State:
     loads: dict[str, Load] = field(default_factory=dict)
     rr: dict[str, int] = field(default_factory=dict)
     queues: dict[str, ModelQueue[Endpoint]] = field(default_factory=dict)
-    ledger: dict[tuple[str, str], dict[str, int]] = field(default_factory=dict)
+    ledger: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
     keys: KeyStore = field(default_factory=KeyStore)
     metrics: CollectorRegistry = field(default_factory=CollectorRegistry)
 
@@ -82,6 +86,10 @@ class State:
             "kubeinfer_gateway_tokens", "Tokens by model, API key and kind (prompt, completion)",
             ["model", "key", "kind"], registry=self.metrics,
         )  # fmt: skip
+        self.cost = Counter(
+            "kubeinfer_gateway_estimated_cost", "Estimated cost (spec.pricing) by model and API key",
+            ["model", "key"], registry=self.metrics,
+        )  # fmt: skip
         self.usage_requests = Counter(
             "kubeinfer_gateway_usage_requests", "Successful requests by model and API key", ["model", "key"],
             registry=self.metrics,
@@ -94,23 +102,44 @@ class State:
             "kubeinfer_gateway_inflight_requests", "Requests this gateway has open, by replica", ["replica"],
             registry=self.metrics,
         )  # fmt: skip
+        self.queue_wait = Histogram(
+            "kubeinfer_gateway_queue_wait_seconds", "Time a request waited for a replica slot", ["model"],
+            buckets=_LATENCY_BUCKETS, registry=self.metrics,
+        )  # fmt: skip
         self.ttfb = Histogram(
-            "kubeinfer_gateway_time_to_first_byte_seconds", "Upstream time to first byte", ["model"],
-            registry=self.metrics,
+            "kubeinfer_gateway_time_to_first_byte_seconds", "Upstream time to response headers", ["model"],
+            buckets=_LATENCY_BUCKETS, registry=self.metrics,
+        )  # fmt: skip
+        self.ttft = Histogram(
+            "kubeinfer_gateway_time_to_first_token_seconds",
+            "Arrival to the first body chunk sent back (the first token of a stream)", ["model", "replica"],
+            buckets=_LATENCY_BUCKETS, registry=self.metrics,
+        )  # fmt: skip
+        self.duration = Histogram(
+            "kubeinfer_gateway_request_duration_seconds", "Arrival to the last byte sent back",
+            ["model", "replica"], buckets=_LATENCY_BUCKETS, registry=self.metrics,
+        )  # fmt: skip
+        self.output_rate = Histogram(
+            "kubeinfer_gateway_output_tokens_per_second", "Completion tokens/s after the first token",
+            ["model"], buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000), registry=self.metrics,
         )  # fmt: skip
 
-    def record_usage(self, model: str, usage: Usage | None, key: str = "anonymous") -> None:
-        """The usage ledger: requests and tokens per API key and model."""
+    def record_usage(self, model: ModelEntry, usage: Usage | None, key: str = "anonymous") -> None:
+        """The usage ledger: requests, tokens and estimated cost per API key and model."""
         entry = self.ledger.setdefault(
-            (key, model), {"requests": 0, "promptTokens": 0, "completionTokens": 0}
+            (key, model.name), {"requests": 0, "promptTokens": 0, "completionTokens": 0, "estimatedCost": 0.0}
         )
         entry["requests"] += 1
-        self.usage_requests.labels(model, key).inc()
+        self.usage_requests.labels(model.name, key).inc()
         if usage is not None:
             entry["promptTokens"] += usage.prompt_tokens
             entry["completionTokens"] += usage.completion_tokens
-            self.tokens.labels(model, key, "prompt").inc(usage.prompt_tokens)
-            self.tokens.labels(model, key, "completion").inc(usage.completion_tokens)
+            self.tokens.labels(model.name, key, "prompt").inc(usage.prompt_tokens)
+            self.tokens.labels(model.name, key, "completion").inc(usage.completion_tokens)
+            cost = model.cost(usage.prompt_tokens, usage.completion_tokens)
+            if cost:
+                entry["estimatedCost"] += cost
+                self.cost.labels(model.name, key).inc(cost)
 
     def release(self, model: str, endpoint_id: str) -> None:
         """A request to `endpoint_id` ended: free its slot and let the model's queue move."""
@@ -196,6 +225,7 @@ def _try_pick(state: State, entry: ModelEntry, route: RouteRequest, tried: froze
 
 async def proxy(request: Request) -> Response:
     state: State = request.app.state.gw
+    arrived = time.monotonic()
     path = request.path_params["path"]
     if path not in PROXIED:
         return error(404, f"unknown endpoint /v1/{path}", "invalid_request_error", code="not_found")
@@ -256,6 +286,7 @@ async def proxy(request: Request) -> Response:
     last_error = "no ready replica"
     queue = state.queues.setdefault(entry.name, ModelQueue())
     timeout = state.settings.hold_timeout or parse_duration(entry.routing.queue_timeout)
+    queue_wait = 0.0
     for attempt in range(state.settings.retries + 1):
         if attempt == 0:
             try:
@@ -264,6 +295,8 @@ async def proxy(request: Request) -> Response:
                     lambda: bool(state.registry.ready_endpoints(entry.name)),
                     entry.routing.max_queue, timeout,
                 )  # fmt: skip
+                queue_wait = time.monotonic() - arrived
+                state.queue_wait.labels(entry.name).observe(queue_wait)
             except QueueFull:
                 state.errors.labels(entry.name, "queue_full").inc()
                 return error(429, f"too many requests queued for `{model}`", "rate_limit_error",
@@ -302,22 +335,39 @@ async def proxy(request: Request) -> Response:
             continue
         state.ttfb.labels(entry.name).observe(time.monotonic() - started)
         state.requests.labels(entry.name, endpoint.id, str(upstream.status_code)).inc()
-        return _stream_back(state, entry.name, endpoint.id, upstream, strip_usage, key)
+        trace = Trace(entry, endpoint.id, key, path, arrived, queue_wait, attempt)
+        return _stream_back(state, trace, upstream, strip_usage)
 
     state.errors.labels(entry.name, "upstream").inc()
     return error(502, f"upstream failure: {last_error}", "upstream_error", code="bad_gateway")
 
 
+@dataclass
+class Trace:
+    """One proxied request, for metrics and the access log."""
+
+    model: ModelEntry
+    replica: str
+    key: ApiKey
+    path: str
+    arrived: float
+    queue_wait: float
+    retries: int
+    first_chunk: float | None = None
+
+
 def _stream_back(
-    state: State, model: str, endpoint_id: str, upstream: httpx.Response, strip_usage: bool, key: ApiKey
+    state: State, trace: Trace, upstream: httpx.Response, strip_usage: bool
 ) -> StreamingResponse:
     is_sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
     sse = SSEUsage(strip_usage) if is_sse else None
     head: list[bytes] = []  # a JSON body, kept (up to a bound) to read its usage at the end
     kept = 0
+    model, endpoint_id = trace.model.name, trace.replica
+    outcome = "ok"
 
     async def body() -> AsyncIterator[bytes]:
-        nonlocal kept
+        nonlocal kept, outcome
         try:
             if upstream.is_stream_consumed:  # built in memory (a transport that returns whole bodies)
                 chunks: AsyncIterator[bytes] = _one(upstream.content)
@@ -330,12 +380,16 @@ def _stream_back(
                     head.append(chunk)
                     kept += len(chunk)
                 if chunk:
+                    if trace.first_chunk is None:
+                        trace.first_chunk = time.monotonic()
+                        state.ttft.labels(model, endpoint_id).observe(trace.first_chunk - trace.arrived)
                     yield chunk
             if sse is not None:
                 rest = sse.flush()
                 if rest:
                     yield rest
         except httpx.HTTPError as exc:
+            outcome = "stream_interrupted"
             # Too late for a status code: tell an SSE client in-band, as OpenAI's API does.
             if not is_sse:
                 raise
@@ -346,18 +400,49 @@ def _stream_back(
                 }
             }  # fmt: skip
             yield f"data: {json.dumps(err)}\n\n".encode()
+        except asyncio.CancelledError:
+            outcome = "client_disconnected"  # closing `upstream` below makes the engine stop too
+            raise
         finally:
             state.release(model, endpoint_id)
             await upstream.aclose()
+            usage = None
             if upstream.status_code == 200:
                 usage = sse.usage if sse is not None else usage_from_json(b"".join(head))
-                state.record_usage(model, usage, key.name)
+                state.record_usage(trace.model, usage, trace.key.name)
                 if usage is not None:
-                    state.keys.spend(key, usage.prompt_tokens + usage.completion_tokens, time.monotonic())
+                    now = time.monotonic()
+                    state.keys.spend(trace.key, usage.prompt_tokens + usage.completion_tokens, now)
+            _finish(state, trace, upstream.status_code, outcome, usage)
 
     headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _DROP_HEADERS}
     headers["x-kubeinfer-replica"] = endpoint_id
+    headers["x-kubeinfer-queue-wait-ms"] = f"{trace.queue_wait * 1000:.1f}"
     return StreamingResponse(body(), status_code=upstream.status_code, headers=headers)
+
+
+def _finish(state: State, trace: Trace, status: int, outcome: str, usage: Usage | None) -> None:
+    """Metrics and one structured access-log line per proxied request (never the key or the body)."""
+    end = time.monotonic()
+    ttft = trace.first_chunk - trace.arrived if trace.first_chunk is not None else None
+    state.duration.labels(trace.model.name, trace.replica).observe(end - trace.arrived)
+    if usage is not None and usage.completion_tokens > 1 and trace.first_chunk is not None:
+        generating = end - trace.first_chunk
+        if generating > 0:
+            state.output_rate.labels(trace.model.name).observe((usage.completion_tokens - 1) / generating)
+    if _access_log.isEnabledFor(logging.INFO):
+        _access_log.info(
+            "request",
+            extra={
+                "model": trace.model.name, "replica": trace.replica, "path": trace.path, "status": status,
+                "outcome": outcome, "key": trace.key.name, "retries": trace.retries,
+                "queue_wait_ms": round(trace.queue_wait * 1000, 2),
+                "ttft_ms": round(ttft * 1000, 2) if ttft is not None else None,
+                "duration_ms": round((end - trace.arrived) * 1000, 2),
+                "prompt_tokens": usage.prompt_tokens if usage else None,
+                "completion_tokens": usage.completion_tokens if usage else None,
+            },
+        )  # fmt: skip
 
 
 async def _one(data: bytes) -> AsyncIterator[bytes]:
@@ -422,6 +507,15 @@ async def healthz(request: Request) -> Response:
     return Response("ok")
 
 
+async def readyz(request: Request) -> Response:
+    """503 until discovery has listed models, pods and keys: a gateway that knows no model yet would
+    answer 404 to every request, so it must not get traffic."""
+    ready: Callable[[], bool] | None = request.app.state.ready
+    if ready is not None and not ready():
+        return Response("discovery not synced", status_code=503)
+    return Response("ok")
+
+
 async def metrics_endpoint(request: Request) -> Response:
     state: State = request.app.state.gw
     for model, queue in state.queues.items():
@@ -459,6 +553,7 @@ def create_app(
     metrics: CollectorRegistry | None = None,
     discover: Callable[[Registry], Coroutine[Any, Any, None]] | None = None,
     keys: KeyStore | None = None,
+    ready: Callable[[], bool] | None = None,
 ) -> Starlette:
     """The ASGI app. `transport` replaces the network (tests use an in-memory one); `discover`, if
     given, runs for the app's lifetime and keeps the registry current (Kubernetes discovery)."""
@@ -495,7 +590,9 @@ def create_app(
         Route("/v1/admin/usage", admin_usage, methods=["GET"]),
         Route("/v1/{path:path}", proxy, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
-        Route("/readyz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.ready = ready
+    return app

@@ -2,7 +2,11 @@
 
 Keys are held only as SHA-256 digests: a presented key is hashed and compared with
 `hmac.compare_digest`, and no key is ever logged. With no keys configured the gateway runs in
-anonymous mode (local use): every request is the key `anonymous`, without limits.
+anonymous mode (local use): every request is the key `anonymous`, without limits, unless the store
+was made with `required=True` (Kubernetes: deleting the last key Secret must not open the gateway).
+
+Keys come from the static discovery file (digests only) or from labelled Kubernetes Secrets
+(`api_key_from_secret`, the contract's LABEL_API_KEY).
 
 Limits are sliding one-minute windows per key: requests are counted when admitted, tokens when a
 response reports its usage; a key over either limit gets 429 with the seconds until the window frees.
@@ -10,10 +14,16 @@ response reports its usage; a key over either limit gets 429 with the seconds un
 
 from __future__ import annotations
 
+import base64
+import binascii
 import collections
 import hashlib
 import hmac
+import re
 from dataclasses import dataclass, field
+from typing import Any
+
+from kubeinfer import contract
 
 ANONYMOUS = "anonymous"
 WINDOW = 60.0
@@ -54,8 +64,52 @@ class Denied(Exception):
         self.status, self.code, self.message, self.retry_after = status, code, message, retry_after
 
 
+def _optional_int(annotations: dict[str, str], name: str) -> int | None:
+    text = annotations.get(name)
+    if text is None or not text.strip():
+        return None
+    if not text.strip().isdigit() or int(text) < 1:
+        raise ValueError(f"annotation {name}: {text!r} is not a positive integer")
+    return int(text)
+
+
+def api_key_from_secret(secret: dict[str, Any]) -> ApiKey:
+    """The ApiKey a labelled Secret defines; ValueError says what is wrong with it."""
+    meta = secret.get("metadata") or {}
+    annotations: dict[str, str] = meta.get("annotations") or {}
+    data: dict[str, str] = secret.get("data") or {}
+    try:
+        if contract.API_KEY_DATA in data:
+            raw = base64.b64decode(data[contract.API_KEY_DATA], validate=True).decode().strip()
+            if not raw:
+                raise ValueError(f"data.{contract.API_KEY_DATA} is empty")
+            key_sha256 = digest(raw)
+        elif contract.API_KEY_SHA256_DATA in data:
+            key_sha256 = base64.b64decode(data[contract.API_KEY_SHA256_DATA], validate=True).decode()
+            key_sha256 = key_sha256.strip().lower()
+            if not re.fullmatch(r"[0-9a-f]{64}", key_sha256):
+                raise ValueError(f"data.{contract.API_KEY_SHA256_DATA} is not a hex SHA-256")
+        else:
+            raise ValueError(f"no data.{contract.API_KEY_DATA} or data.{contract.API_KEY_SHA256_DATA}")
+    except (binascii.Error, UnicodeDecodeError):
+        raise ValueError("the key is not valid base64 text") from None
+    models_text = annotations.get(contract.ANNOTATION_KEY_MODELS)
+    models = None
+    if models_text is not None:
+        models = frozenset(m.strip() for m in models_text.split(",") if m.strip())
+    return ApiKey(
+        name=annotations.get(contract.ANNOTATION_KEY_NAME) or str(meta.get("name", "")),
+        key_sha256=key_sha256,
+        models=models,
+        requests_per_minute=_optional_int(annotations, contract.ANNOTATION_KEY_RPM),
+        tokens_per_minute=_optional_int(annotations, contract.ANNOTATION_KEY_TPM),
+        allow_remote=annotations.get(contract.ANNOTATION_KEY_ALLOW_REMOTE, "").lower() == "true",
+    )
+
+
 class KeyStore:
-    def __init__(self, keys: list[ApiKey] | None = None) -> None:
+    def __init__(self, keys: list[ApiKey] | None = None, required: bool = False) -> None:
+        self.required = required
         self.replace(keys or [])
         self._windows: dict[str, _Window] = {}
 
@@ -64,7 +118,7 @@ class KeyStore:
 
     @property
     def anonymous(self) -> bool:
-        return not self._by_digest
+        return not self._by_digest and not self.required
 
     def authenticate(self, authorization: str | None) -> ApiKey:
         """The key of an `Authorization: Bearer ...` header (or `x-api-key`); raises Denied (401)."""

@@ -1,9 +1,10 @@
 """Discovery from Kubernetes: LLMModels and their ready pods, watched, into the Registry.
 
-Two watches (kubernetes_asyncio): LLMModels give each model's public names, modalities and routing;
+Watches (kubernetes_asyncio): LLMModels give each model's public names, modalities and routing;
 model-server pods (selected by the contract's component label) give replicas: a pod is a replica
 while it is Ready, has an IP and is not terminating. Each event replaces the affected model's entry,
-so a replica joins or leaves as soon as the watch delivers its readiness change.
+so a replica joins or leaves as soon as the watch delivers its readiness change. With a KeyStore,
+Secrets labelled as API keys are watched too, so a new, rotated or deleted key takes effect at once.
 
 `entry_from_model` and `endpoint_from_pod` are pure and unit-tested; `Discovery` only moves data.
 """
@@ -11,21 +12,26 @@ so a replica joins or leaves as soon as the watch delivers its readiness change.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from kubernetes_asyncio import client
 
 from kubeinfer import contract, kube
-from kubeinfer.api.v1alpha1 import Routing
+from kubeinfer.api.v1alpha1 import Pricing, Routing
+from kubeinfer.gateway.auth import ApiKey, KeyStore, api_key_from_secret
 from kubeinfer.gateway.registry import ModelEntry, Registry, RemoteTarget, remote_endpoint
 from kubeinfer.gateway.routing import Endpoint
 
+_log = logging.getLogger(__name__)
 
 def entry_from_model(body: dict[str, Any], remote_key: str | None = None) -> ModelEntry:
     meta, spec = body.get("metadata") or {}, body.get("spec") or {}
     model = spec.get("model") or {}
     routing = Routing.model_validate(spec.get("routing") or {})
     remote = spec.get("remote")
+    pricing = Pricing.model_validate(spec["pricing"]) if spec.get("pricing") else None
+    native = frozenset(remote.get("nativeAPIs") or RemoteTarget.native_apis) if remote else frozenset()
     return ModelEntry(
         name=meta["name"],
         served_name=model.get("servedName") or meta["name"],
@@ -34,7 +40,8 @@ def entry_from_model(body: dict[str, Any], remote_key: str | None = None) -> Mod
         modalities=tuple(spec.get("modalities") or ("text",)),
         routing=routing,
         max_num_seqs=spec.get("maxNumSeqs"),
-        remote=RemoteTarget(remote["baseURL"], remote["model"], remote_key) if remote else None,
+        remote=RemoteTarget(remote["baseURL"], remote["model"], remote_key, native) if remote else None,
+        pricing=pricing,
     )
 
 
@@ -62,8 +69,17 @@ def endpoint_from_pod(pod: dict[str, Any]) -> tuple[str, Endpoint] | None:
 class Discovery:
     """Keeps `registry` in step with the cluster (all namespaces, or the given ones)."""
 
-    def __init__(self, api: client.ApiClient, registry: Registry, namespace: str | None = None):
+    def __init__(
+        self,
+        api: client.ApiClient,
+        registry: Registry,
+        namespace: str | None = None,
+        keys: KeyStore | None = None,
+        keys_namespace: str | None = None,
+    ):
         self.api, self.registry, self.namespace = api, registry, namespace
+        self.keys, self.keys_namespace = keys, keys_namespace
+        self.api_keys: dict[str, ApiKey] = {}  # namespace/secret name -> key
         self.models: dict[str, ModelEntry] = {}
         self.pods: dict[str, dict[str, Endpoint]] = {}  # model -> pod name -> endpoint
         self.synced = asyncio.Event()
@@ -109,7 +125,7 @@ class Discovery:
         self.remote_keys[key] = value
         entry = self.models.get(key)
         if entry is not None and entry.remote is not None and value is not None:
-            remote = RemoteTarget(entry.remote.base_url, entry.remote.model, value)
+            remote = RemoteTarget(entry.remote.base_url, entry.remote.model, value, entry.remote.native_apis)
             self.models[key] = ModelEntry(**{**entry.__dict__, "remote": remote})
             self._publish(key)
 
@@ -127,14 +143,36 @@ class Discovery:
             pods[endpoint.id] = endpoint
         self._publish(key)
 
+    def on_secret(self, kind: str, secret: dict[str, Any]) -> None:
+        meta = secret.get("metadata") or {}
+        ref = f"{meta.get('namespace', '')}/{meta.get('name', '')}"
+        self.api_keys.pop(ref, None)
+        if kind != "DELETED":
+            try:
+                self.api_keys[ref] = api_key_from_secret(secret)
+            except ValueError as exc:  # the message names the field, never the key
+                _log.warning("API-key Secret %s ignored: %s", ref, exc)
+        if self.keys is not None:
+            self.keys.replace(list(self.api_keys.values()))
+
     async def run(self) -> None:
+        parts = {"models", "pods"} | ({"keys"} if self.keys is not None else set())
+
         def synced(part: str) -> None:
             self._synced_parts.add(part)
-            if self._synced_parts >= {"models", "pods"}:
+            if self._synced_parts >= parts:
                 self.synced.set()
 
         selector = f"{contract.LABEL_COMPONENT}={contract.COMPONENT_MODEL_SERVER}"
-        await asyncio.gather(
+        watches = [
             kube.watch_models(self.api, self.namespace, self.on_model, lambda: synced("models")),
             kube.watch_pods(self.api, self.namespace, selector, self.on_pod, lambda: synced("pods")),
-        )
+        ]
+        if self.keys is not None:
+            watches.append(
+                kube.watch_secrets(
+                    self.api, self.keys_namespace, f"{contract.LABEL_API_KEY}=true", self.on_secret,
+                    lambda: synced("keys"),
+                )
+            )  # fmt: skip
+        await asyncio.gather(*watches)

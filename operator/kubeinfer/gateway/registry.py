@@ -15,8 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from kubeinfer.api.v1alpha1 import Routing
-from kubeinfer.gateway.auth import ApiKey, KeyStore
+from kubeinfer.api.v1alpha1 import Pricing, RemoteAPI, Routing
+from kubeinfer.gateway.auth import ApiKey
 from kubeinfer.gateway.routing import Endpoint
 
 
@@ -29,6 +29,9 @@ class StaticRemote(_Base):
     model: str
     api_key_env: str | None = None
     """Environment variable holding the upstream key (the file never holds it)."""
+    native_apis: list[RemoteAPI] = Field(
+        default=["chat/completions", "completions", "embeddings"], alias="nativeAPIs"
+    )
 
 
 class StaticModel(_Base):
@@ -39,6 +42,7 @@ class StaticModel(_Base):
     engine: Literal["vllm", "llama-server"] = "vllm"
     modalities: list[Literal["text", "image"]] = Field(default=["text"])
     routing: Routing = Field(default_factory=Routing)
+    pricing: Pricing | None = None
     max_num_seqs: int | None = None
     endpoints: list[str] = Field(default_factory=list)
     """host:port of each replica."""
@@ -66,6 +70,8 @@ class RemoteTarget:
     base_url: str
     model: str
     api_key: str | None = None
+    native_apis: frozenset[str] = frozenset({"chat/completions", "completions", "embeddings"})
+    """Endpoints the remote serves; the gateway translates `responses`/`messages` to chat otherwise."""
 
 
 def remote_endpoint(model: str, base_url: str) -> Endpoint:
@@ -83,6 +89,15 @@ class ModelEntry:
     routing: Routing = field(default_factory=Routing)
     max_num_seqs: int | None = None
     remote: RemoteTarget | None = None
+    pricing: Pricing | None = None
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        """Estimated cost of a request's tokens at the model's price per million."""
+        if self.pricing is None:
+            return 0.0
+        return (
+            prompt_tokens * self.pricing.prompt_per1_m + completion_tokens * self.pricing.completion_per1_m
+        ) / 1e6
 
     @property
     def target_inflight(self) -> int:
@@ -142,10 +157,11 @@ def load_static(path: str | Path) -> Registry:
         remote = None
         if m.remote is not None:
             key = os.environ.get(m.remote.api_key_env) if m.remote.api_key_env else None
-            remote = RemoteTarget(m.remote.base_url, m.remote.model, key)
+            remote = RemoteTarget(m.remote.base_url, m.remote.model, key, frozenset(m.remote.native_apis))
         entry = ModelEntry(
             name=m.name, served_name=m.served_name or m.name, aliases=tuple(m.aliases), engine=m.engine,
             modalities=tuple(m.modalities), routing=m.routing, max_num_seqs=m.max_num_seqs, remote=remote,
+            pricing=m.pricing,
         )  # fmt: skip
         eps = [Endpoint(id=f"{m.name}-{i}", address=a, model=m.name) for i, a in enumerate(m.endpoints)]
         if remote is not None:  # one always-ready pseudo-replica: the remote API
@@ -154,12 +170,10 @@ def load_static(path: str | Path) -> Registry:
     return reg
 
 
-def load_static_keys(path: str | Path) -> KeyStore:
+def load_static_keys(path: str | Path) -> list[ApiKey]:
     spec = StaticDiscovery.model_validate(yaml.safe_load(Path(path).read_text()))
-    return KeyStore(
-        [
-            ApiKey(k.name, k.key_sha256, frozenset(k.models) if k.models is not None else None,
-                   k.requests_per_minute, k.tokens_per_minute, k.allow_remote)
-            for k in spec.api_keys
-        ]
-    )  # fmt: skip
+    return [
+        ApiKey(k.name, k.key_sha256, frozenset(k.models) if k.models is not None else None,
+               k.requests_per_minute, k.tokens_per_minute, k.allow_remote)
+        for k in spec.api_keys
+    ]  # fmt: skip

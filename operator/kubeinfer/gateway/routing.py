@@ -104,6 +104,7 @@ def choose(
     rr_counter: int,
     target_inflight: int,
     load_bound: float = 1.25,
+    min_bound: float = 0.5,
     exclude: frozenset[str] = frozenset(),
 ) -> Decision | None:
     """The replica for `request`, or None when no ready replica of its model is left to try.
@@ -114,18 +115,22 @@ def choose(
     * prefix-aware: consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam 2018). The
       prefix key's point on the ring names an owner, so requests sharing a prefix meet its KV cache
       there; walking on from that point, the first replica with
-      score <= load_bound * (mean score + 1) is taken, so a hot prefix spills to the next replica on
-      the ring (which then warms the same prefix) instead of queueing behind one. The `+ 1` counts the
-      request being placed and keeps an idle fleet from having a bound of 0. Since the least-loaded
-      replica is never above the mean, a `load_bound` >= 1 always finds one; the least-load fallback
+      score <= max(load_bound * (mean score + 1), min_bound * target_inflight) is taken, so a hot
+      prefix spills to the next replica on the ring (which then warms the same prefix) instead of
+      queueing behind one. The `+ 1` counts the request being placed and keeps an idle fleet from
+      having a bound of 0. The floor `min_bound * target_inflight` keeps a lightly loaded fleet from
+      spilling: with one hot prefix and seven idle replicas the mean alone would put the bound near 2,
+      so the third concurrent request would pay a full prefill elsewhere although its owner batches
+      many sequences at once for little extra per-token cost. Since the least-loaded replica is never
+      above the mean, a `load_bound` >= 1 always finds one; the least-load fallback
       ("prefix-overloaded-fallback") can only happen with a bound below 1.
     * A request with a (non-empty) session, under any strategy, hashes the session instead, with the
       same bound: a conversation stays on the replica that holds its history's KV cache.
 
     Candidates are the ready endpoints of `request.model` not in `exclude`; missing loads count as 0.
     """
-    if scrape_interval <= 0 or target_inflight < 1 or load_bound <= 0:
-        raise ValueError("scrape_interval and load_bound must be > 0 and target_inflight >= 1")
+    if scrape_interval <= 0 or target_inflight < 1 or load_bound <= 0 or min_bound < 0:
+        raise ValueError("scrape_interval, load_bound must be > 0, min_bound >= 0, target_inflight >= 1")
     candidates = sorted(
         {e.id for e in endpoints if e.ready and e.model == request.model and e.id not in exclude}
     )
@@ -151,7 +156,7 @@ def choose(
     else:
         return Decision(least, "least-load")
 
-    bound = load_bound * (sum(scores.values()) / len(scores) + 1)
+    bound = max(load_bound * (sum(scores.values()) / len(scores) + 1), min_bound * target_inflight)
     for i in ring(tuple(candidates)).walk(key):
         if scores[i] <= bound:
             return Decision(i, reason)
