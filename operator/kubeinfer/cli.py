@@ -159,6 +159,37 @@ def cmd_bench_operator(args: argparse.Namespace) -> int:
     return 0 if result["deployments"] == args.models else 1
 
 
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from kubeinfer.bench.datasets import DatasetError
+    from kubeinfer.bench.loadgen import LoadConfig, run_repeats
+    from kubeinfer.bench.report import Progress, format_table, to_json
+
+    if args.dataset_path and args.dataset:
+        raise CLIError("--dataset-path and --dataset exclude each other")
+    config = LoadConfig(
+        url=args.url, model=args.model, endpoint=args.endpoint, iterations=args.iterations,
+        concurrency=args.concurrency, rate=args.rate, max_tokens=args.max_tokens, stream=args.stream,
+        warmup=args.warmup, api_key=args.api_key, seed=args.seed, timeout=args.timeout,
+        dataset="file" if args.dataset_path else args.dataset or "synthetic", input_len=args.input_len,
+        output_len=args.output_len, groups=args.groups, system_prompt_len=args.system_prompt_len,
+        question_len=args.question_len, dataset_path=args.dataset_path, ignore_eos=args.ignore_eos,
+    )  # fmt: skip
+    show = sys.stderr.isatty() if args.progress is None else args.progress
+    progress = Progress(args.repeat) if show else None
+    try:
+        config.validate()
+        result = asyncio.run(run_repeats(config, args.repeat, on_progress=progress))
+    except (ValueError, DatasetError) as exc:  # DatasetError names the file and line
+        raise CLIError(str(exc)) from None
+    finally:
+        if progress:
+            progress.close()
+    sys.stdout.write(to_json(result) + "\n" if args.json else format_table(result))
+    return 0 if all(run.success for run in result.runs) else 1
+
+
 def cmd_gateway(args: argparse.Namespace) -> int:
     import prometheus_client
     import uvicorn
@@ -166,19 +197,19 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     from kubeinfer.gateway import logs
     from kubeinfer.gateway.app import GatewaySettings, create_app
     from kubeinfer.gateway.auth import KeyStore
-
-    logs.configure(args.log_format, access_log=not args.no_access_log)
     from kubeinfer.gateway.registry import load_static, load_static_keys
 
+    config = gateway_config(args)
+    logs.configure(config.log_format, access_log=config.access_log)
     discover = None
     ready = None
-    keys = KeyStore(required=args.auth == "keys")
+    keys = KeyStore(required=config.auth == "keys")
     if args.static:
         if not Path(args.static).is_file():
             raise CLIError(f"{args.static}: no such file")
         try:
             registry = load_static(args.static)
-            if args.auth != "anonymous":
+            if config.auth != "anonymous":
                 keys.replace(load_static_keys(args.static))
         except Exception as exc:  # pydantic or YAML errors: one clear line
             raise CLIError(f"{args.static}: {exc}") from None
@@ -188,22 +219,22 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         from kubeinfer.gateway.registry import Registry
 
         registry = Registry()
-        keys_namespace = args.keys_namespace or os.environ.get("POD_NAMESPACE") or None
+        keys_namespace = config.keys_namespace or os.environ.get("POD_NAMESPACE") or None
         synced = asyncio.Event()
         ready = synced.is_set
 
         async def discover(reg: Registry) -> None:
             async with kube.api_client() as api:
                 found = Discovery(
-                    api, reg, namespace=args.namespace, keys=None if args.auth == "anonymous" else keys,
+                    api, reg, namespace=args.namespace, keys=None if config.auth == "anonymous" else keys,
                     keys_namespace=keys_namespace,
                 )  # fmt: skip
                 found.synced = synced  # /readyz answers 200 once models, pods and keys are listed
                 await found.run()
 
     settings = GatewaySettings(
-        scrape_interval=args.scrape_interval, hold_timeout=args.hold_timeout, retries=args.retries,
-        max_body_bytes=args.max_body_bytes,
+        scrape_interval=config.scrape_interval, scrape_timeout=config.scrape_timeout,
+        hold_timeout=config.hold_timeout, retries=config.retries, max_body_bytes=config.max_body_bytes,
     )  # fmt: skip
     metrics = prometheus_client.CollectorRegistry()
     if args.metrics_port:  # the same registry is also served at /metrics on the API port
@@ -211,6 +242,27 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     app = create_app(registry, settings, metrics=metrics, discover=discover, keys=keys, ready=ready)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
     return 0
+
+
+def gateway_config(args: argparse.Namespace) -> Any:
+    """The --config file with the flags given on the command line laid over it."""
+    from kubeinfer.gateway.config import load_config
+
+    if args.config and not Path(args.config).is_file():
+        raise CLIError(f"{args.config}: no such file")
+    try:
+        config = load_config(args.config)
+    except Exception as exc:  # pydantic or YAML errors: one clear message
+        raise CLIError(f"{args.config}: {exc}") from None
+    flags = {k: v for k, v in vars(args).items() if k in GATEWAY_FLAGS and v is not None}
+    return config.model_copy(update=flags)
+
+
+# Flags of `kubeinfer gateway` that override the same-named field of its --config file.
+GATEWAY_FLAGS = frozenset(
+    {"scrape_interval", "scrape_timeout", "hold_timeout", "retries", "max_body_bytes", "auth",
+     "keys_namespace", "log_format", "access_log"}
+)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -258,23 +310,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--metrics-port", type=int, default=0, help="also serve /metrics on this port")
-    p.add_argument("--scrape-interval", type=float, default=1.0)
-    p.add_argument("--hold-timeout", type=float, default=30.0, help="seconds to wait for a ready replica")
-    p.add_argument("--retries", type=int, default=2, help="retries on another replica before the first byte")
-    p.add_argument("--max-body-bytes", type=int, default=32 << 20, help="larger request bodies get 413")
+    p.add_argument("--config", help="gateway configuration file (YAML; flags override it)")
+    # No defaults here: an unset flag leaves the config file's value (see gateway/config.py).
+    p.add_argument("--scrape-interval", type=float, help="seconds between /metrics scrapes (1)")
+    p.add_argument("--scrape-timeout", type=float, help="per-replica scrape timeout (0.5)")
+    p.add_argument("--hold-timeout", type=float, help="seconds to wait for a replica (model's queueTimeout)")
+    p.add_argument("--retries", type=int, help="retries on another replica before the first byte (2)")
+    p.add_argument("--max-body-bytes", type=int, help="larger request bodies get 413 (32 MiB)")
     p.add_argument(
-        "--auth",
-        choices=("auto", "keys", "anonymous"),
-        default="auto",
-        help="keys: every request needs an API key; anonymous: none needed; auto: anonymous until a "
-        "key is configured (local use)",
-    )
-    p.add_argument("--log-format", choices=("json", "text"), default="json", help="log line format")
-    p.add_argument("--no-access-log", action="store_true", help="no log line per proxied request")
+        "--auth", choices=("auto", "keys", "anonymous"),
+        help="keys: every request needs an API key; anonymous: none; auto (default): anonymous until "
+        "a key is configured",
+    )  # fmt: skip
+    p.add_argument("--keys-namespace", help="namespace of API-key Secrets ($POD_NAMESPACE, else all)")
+    p.add_argument("--log-format", choices=("json", "text"), help="log line format (json)")
     p.add_argument(
-        "--keys-namespace",
-        help="namespace of the API-key Secrets (default: $POD_NAMESPACE, else all namespaces)",
-    )
+        "--no-access-log", dest="access_log", action="store_const", const=False,
+        help="no log line per proxied request",
+    )  # fmt: skip
     p.set_defaults(func=cmd_gateway)
 
     p = sub.add_parser("demo", help="local control plane + operator + a tiny model, to Ready")
@@ -301,6 +354,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_operator)
+
+    p = bench.add_parser("serve", help="load an OpenAI-compatible endpoint: latency, TTFT, ITL, throughput")
+    p.add_argument("--url", required=True, help="base URL, with or without /v1 (e.g. http://127.0.0.1:8000)")
+    p.add_argument("--model", required=True, help="the model name to send")
+    p.add_argument("--endpoint", choices=("chat", "completions"), default="chat")
+    p.add_argument("--iterations", type=int, default=100, help="measured requests per run")
+    p.add_argument(
+        "--concurrency", type=int, help="closed loop: requests in flight (default 1); with --rate: a cap"
+    )
+    p.add_argument("--rate", type=float, help="open loop: Poisson arrivals at this many requests/s (seeded)")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--ignore-eos", action="store_true", help="vLLM: always generate max tokens")
+    p.add_argument("--warmup", type=int, default=0, help="requests sent first and left out of the figures")
+    p.add_argument("--repeat", type=int, default=1, help="runs; reports mean, stddev, min, max and CV")
+    p.add_argument("--api-key", help="sent as a Bearer token")
+    p.add_argument("--seed", type=int, default=0, help="prompts and arrivals (run i uses seed + i)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    p.add_argument("--dataset", choices=("synthetic", "shared-prefix"), help="default: synthetic")
+    p.add_argument("--dataset-path", help="JSONL: one {prompt | messages, max_tokens?} per line")
+    p.add_argument("--input-len", type=int, default=128, help="synthetic: prompt tokens (about)")
+    p.add_argument("--output-len", type=int, help="synthetic, shared-prefix: max tokens per request")
+    p.add_argument("--groups", type=int, default=4, help="shared-prefix: distinct system prompts")
+    p.add_argument("--system-prompt-len", type=int, default=1024, help="shared-prefix: tokens (about)")
+    p.add_argument("--question-len", type=int, default=32, help="shared-prefix: tokens (about)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, help="progress bar on stderr (default: if a TTY)"
+    )
+    p.set_defaults(func=cmd_bench_serve)
     return parser
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from kubeinfer.cli import main
@@ -87,3 +88,19 @@ def test_crd_command_matches_the_committed_crd():
     assert r.returncode == 0
     assert r.stdout == crd_yaml()
     assert (ROOT / "crds" / "kubeinfer.io_llmmodels.yaml").read_text() == r.stdout, "run `make gen`"
+
+
+def test_gateway_config_file_and_flags(tmp_path):
+    from kubeinfer.cli import CLIError, build_parser, gateway_config
+
+    f = tmp_path / "gateway.yaml"
+    f.write_text("scrapeInterval: 2\nauth: keys\nretries: 1\naccessLog: true\n")
+    args = build_parser().parse_args(["gateway", "--config", str(f), "--retries", "4", "--no-access-log"])
+    config = gateway_config(args)
+    assert (config.scrape_interval, config.auth, config.retries, config.access_log) == (2.0, "keys", 4, False)
+    assert gateway_config(build_parser().parse_args(["gateway"])).auth == "auto"
+    f.write_text("scrapeIntervall: 2\n")
+    with pytest.raises(CLIError, match="scrapeIntervall"):
+        gateway_config(build_parser().parse_args(["gateway", "--config", str(f)]))
+    with pytest.raises(CLIError, match="no such file"):
+        gateway_config(build_parser().parse_args(["gateway", "--config", str(tmp_path / "nope.yaml")]))
