@@ -25,16 +25,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from kubeinfer.gateway import translate as translate_mod
 from kubeinfer.gateway.admission import ModelQueue, QueueFull, QueueTimeout
 from kubeinfer.gateway.auth import ApiKey, Denied, KeyStore
 from kubeinfer.gateway.registry import ModelEntry, Registry
 from kubeinfer.gateway.routing import Endpoint, Load, RouteRequest, choose, prefix_key
 from kubeinfer.gateway.scrape import ScrapeError, parse_metrics
-from kubeinfer.gateway.usage import SSEUsage, Usage, prepare_stream_request, usage_from_json
+from kubeinfer.gateway.usage import SSEUsage, Usage, prepare_stream_request, usage_from_dict, usage_from_json
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _access_log = logging.getLogger("kubeinfer.gateway.access")
 
+TRANSLATED = ("responses", "messages")  # what the gateway can turn into chat completions for a remote
 PROXIED = ("chat/completions", "completions", "embeddings", "responses", "messages")
 RETRY_STATUSES = {502, 503, 504}
 USAGE_BODY_LIMIT = 1 << 20  # JSON bodies longer than this are passed on without reading their usage
@@ -270,8 +272,24 @@ async def proxy(request: Request) -> Response:
         model=entry.name, prefix_key=prefix_key(body),
         session=request.headers.get(entry.routing.session_header) if entry.routing.session_header else None,
     )  # fmt: skip
+    upstream_path, translate = path, None
+    if entry.remote is not None and path in TRANSLATED and path not in entry.remote.native_apis:
+        # A remote that only speaks chat completions: send the request as one, answer in the API asked.
+        try:
+            body_up = (
+                translate_mod.responses_to_chat(body)
+                if path == "responses"
+                else translate_mod.messages_to_chat(body)
+            )
+        except translate_mod.TranslationError as exc:
+            return error(
+                400, str(exc), "invalid_request_error", param=exc.param, code="unsupported_by_remote"
+            )
+        upstream_path, translate = "chat/completions", path
+    else:
+        body_up = body
     # Ask every stream for its usage (for the ledger); strip it again if the client did not ask.
-    send, strip_usage = prepare_stream_request(path, body)
+    send, strip_usage = prepare_stream_request(upstream_path, body_up)
     if send is not body:
         raw = json.dumps(send).encode()
     headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_HEADERS | _CLIENT_ONLY}
@@ -316,7 +334,7 @@ async def proxy(request: Request) -> Response:
             state.retries.labels(entry.name).inc()
         tried = tried | {endpoint.id}
         if entry.remote is not None:
-            url = f"{entry.remote.base_url.rstrip('/')}/{path}"
+            url = f"{entry.remote.base_url.rstrip('/')}/{upstream_path}"
         else:
             url = f"http://{endpoint.address}/v1/{path}"
         started = time.monotonic()
@@ -336,6 +354,8 @@ async def proxy(request: Request) -> Response:
         state.ttfb.labels(entry.name).observe(time.monotonic() - started)
         state.requests.labels(entry.name, endpoint.id, str(upstream.status_code)).inc()
         trace = Trace(entry, endpoint.id, key, path, arrived, queue_wait, attempt)
+        if translate is not None and upstream.status_code == 200:
+            return _translated_back(state, trace, upstream, body, translate)
         return _stream_back(state, trace, upstream, strip_usage)
 
     state.errors.labels(entry.name, "upstream").inc()
@@ -369,11 +389,7 @@ def _stream_back(
     async def body() -> AsyncIterator[bytes]:
         nonlocal kept, outcome
         try:
-            if upstream.is_stream_consumed:  # built in memory (a transport that returns whole bodies)
-                chunks: AsyncIterator[bytes] = _one(upstream.content)
-            else:
-                chunks = upstream.aiter_raw()
-            async for chunk in chunks:
+            async for chunk in _raw_chunks(upstream):
                 if sse is not None:
                     chunk = sse.feed(chunk)
                 elif kept < USAGE_BODY_LIMIT:
@@ -421,6 +437,64 @@ def _stream_back(
     return StreamingResponse(body(), status_code=upstream.status_code, headers=headers)
 
 
+def _translated_back(
+    state: State, trace: Trace, upstream: httpx.Response, request: dict[str, Any], api: str
+) -> Response:
+    """A remote's chat-completions answer, turned into the Responses or Messages API the client used."""
+    is_sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
+    model, endpoint_id = trace.model.name, trace.replica
+    headers = {
+        "x-kubeinfer-replica": endpoint_id,
+        "x-kubeinfer-queue-wait-ms": f"{trace.queue_wait * 1000:.1f}",
+    }
+    stream: translate_mod.ChatToResponsesStream | translate_mod.ChatToMessagesStream
+    if api == "responses":
+        stream = translate_mod.ChatToResponsesStream(request)
+    else:
+        stream = translate_mod.ChatToMessagesStream(request)
+
+    async def body() -> AsyncIterator[bytes]:
+        outcome, usage = "ok", None
+        try:
+            if is_sse:
+                async for chunk in _raw_chunks(upstream):
+                    out = stream.feed(chunk)
+                    if out:
+                        if trace.first_chunk is None:
+                            trace.first_chunk = time.monotonic()
+                            state.ttft.labels(model, endpoint_id).observe(trace.first_chunk - trace.arrived)
+                        yield out
+                yield stream.close()
+                if stream.usage is not None:
+                    usage = Usage(*stream.usage)
+            else:
+                chat = json.loads(b"".join([c async for c in _raw_chunks(upstream)]))
+                convert = (
+                    translate_mod.chat_to_responses if api == "responses" else translate_mod.chat_to_messages
+                )
+                trace.first_chunk = time.monotonic()
+                yield json.dumps(convert(chat, request)).encode()
+                usage = usage_from_dict(chat.get("usage")) if isinstance(chat, dict) else None
+        except (httpx.HTTPError, ValueError) as exc:
+            outcome = "stream_interrupted"
+            if not is_sse:
+                raise
+            yield stream.close() or f"event: error\ndata: {json.dumps({'error': str(exc)})}\n\n".encode()
+        except asyncio.CancelledError:
+            outcome = "client_disconnected"
+            raise
+        finally:
+            state.release(model, endpoint_id)
+            await upstream.aclose()
+            state.record_usage(trace.model, usage, trace.key.name)
+            if usage is not None:
+                state.keys.spend(trace.key, usage.prompt_tokens + usage.completion_tokens, time.monotonic())
+            _finish(state, trace, upstream.status_code, outcome, usage)
+
+    media = "text/event-stream" if is_sse else "application/json"
+    return StreamingResponse(body(), status_code=200, headers=headers, media_type=media)
+
+
 def _finish(state: State, trace: Trace, status: int, outcome: str, usage: Usage | None) -> None:
     """Metrics and one structured access-log line per proxied request (never the key or the body)."""
     end = time.monotonic()
@@ -445,8 +519,12 @@ def _finish(state: State, trace: Trace, status: int, outcome: str, usage: Usage 
         )  # fmt: skip
 
 
-async def _one(data: bytes) -> AsyncIterator[bytes]:
-    yield data
+async def _raw_chunks(upstream: httpx.Response) -> AsyncIterator[bytes]:
+    if upstream.is_stream_consumed:  # built in memory (a transport that returns whole bodies)
+        yield upstream.content
+    else:
+        async for chunk in upstream.aiter_raw():
+            yield chunk
 
 
 async def list_models(request: Request) -> JSONResponse:

@@ -22,7 +22,7 @@ class Usage:
     completion_tokens: int = 0
 
 
-def _from_usage(u: Any) -> Usage | None:
+def usage_from_dict(u: Any) -> Usage | None:
     if not isinstance(u, dict):
         return None
     prompt = u.get("prompt_tokens", u.get("input_tokens"))
@@ -37,7 +37,7 @@ def usage_from_json(raw: bytes) -> Usage | None:
         body = json.loads(raw)
     except ValueError:
         return None
-    return _from_usage(body.get("usage")) if isinstance(body, dict) else None
+    return usage_from_dict(body.get("usage")) if isinstance(body, dict) else None
 
 
 def prepare_stream_request(path: str, body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
@@ -97,7 +97,7 @@ class SSEUsage:
             return True
         kind = obj.get("type")
         if kind == "response.completed":  # Responses API
-            self.usage = _from_usage((obj.get("response") or {}).get("usage")) or self.usage
+            self.usage = usage_from_dict((obj.get("response") or {}).get("usage")) or self.usage
             return True
         if kind == "message_start":  # Anthropic Messages: input tokens first ...
             self._input_tokens = int(((obj.get("message") or {}).get("usage") or {}).get("input_tokens") or 0)
@@ -106,7 +106,7 @@ class SSEUsage:
             out = int((obj.get("usage") or {}).get("output_tokens") or 0)
             self.usage = Usage(self._input_tokens, out)
             return True
-        usage = _from_usage(obj.get("usage"))
+        usage = usage_from_dict(obj.get("usage"))
         if usage is not None:
             self.usage = usage
             # The usage-only chunk (no choices) the gateway asked for on the client's behalf.
