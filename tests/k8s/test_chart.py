@@ -7,10 +7,10 @@
   keeps the CRD - and so the users' LLMModels.
 
 The Prometheus Operator is not installed here, so there are no monitoring.coreos.com CRDs. Rather
-than render the monitors off (and never send them to an apiserver), the module installs minimal
-stand-ins for the ServiceMonitor and PodMonitor CRDs: right group, kinds and scope, with a schema
-that accepts any spec. The apiserver then checks that the objects route and are well formed; the
-contents of their specs are checked by tests/unit/test_chart.py.
+than render the monitors and rules off (and never send them to an apiserver), the module installs
+minimal stand-ins for the ServiceMonitor, PodMonitor and PrometheusRule CRDs: right group, kinds and
+scope, with a schema that accepts any spec. The apiserver then checks that the objects route and are
+well formed; the contents of their specs are checked by tests/unit/test_chart.py.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ CRD_NAME = f"{contract.PLURAL}.{contract.GROUP}"
 ALL_FEATURES = [
     "monitoring.serviceMonitor.enabled=true",
     "monitoring.podMonitor.enabled=true",
+    "monitoring.grafanaDashboard.enabled=true",
+    "monitoring.prometheusRule.enabled=true",
     "networkPolicy.enabled=true",
     "gateway.rbac.secretsNamespaced=true",
 ]
@@ -83,6 +85,7 @@ def monitoring_crds(control_plane: ControlPlane) -> Iterator[None]:
     crds = [
         _monitoring_crd("ServiceMonitor", "servicemonitors"),
         _monitoring_crd("PodMonitor", "podmonitors"),
+        _monitoring_crd("PrometheusRule", "prometheusrules"),
     ]
     _kubectl(
         control_plane,
@@ -166,6 +169,7 @@ def test_server_side_dry_run_accepts_everything(
     assert "CustomResourceDefinition.apiextensions.k8s.io" in kinds
     if settings:
         assert {"ServiceMonitor.monitoring.coreos.com", "PodMonitor.monitoring.coreos.com"} <= kinds
+        assert "PrometheusRule.monitoring.coreos.com" in kinds
         assert {"NetworkPolicy.networking.k8s.io", "Role.rbac.authorization.k8s.io"} <= kinds
     # Strict field validation: a misspelt field is an error, not a warning.
     out = _kubectl(control_plane, "apply", "--dry-run=server", "--validate=strict", "-f", "-", input=manifest)
@@ -198,6 +202,7 @@ def test_install_creates_everything_and_uninstall_keeps_the_crd(
         "NetworkPolicy.networking.k8s.io",
         "ServiceMonitor.monitoring.coreos.com",
         "PodMonitor.monitoring.coreos.com",
+        "PrometheusRule.monitoring.coreos.com",
     }
     missing = [o for o in expected if not _exists(control_plane, *o)]
     assert not missing, f"not created by helm install: {missing}"

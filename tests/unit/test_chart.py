@@ -9,18 +9,29 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
+from starlette.testclient import TestClient
 
 from kubeinfer import contract
+from kubeinfer.api.v1alpha1 import Pricing
 from kubeinfer.devcluster.build import BuildError, ensure_binaries
+from kubeinfer.gateway.app import GatewaySettings, create_app
+from kubeinfer.gateway.config import GatewayConfig
+from kubeinfer.gateway.registry import ModelEntry, Registry
+from kubeinfer.gateway.routing import Endpoint
 from kubeinfer.render.config import RenderConfig, load_config
+from tests.cases import FIXTURES
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "kubeinfer"
@@ -29,9 +40,13 @@ OPERATOR, GATEWAY = "ki-kubeinfer-operator", "ki-kubeinfer-gateway"
 ALL_FEATURES = [
     "monitoring.serviceMonitor.enabled=true",
     "monitoring.podMonitor.enabled=true",
+    "monitoring.grafanaDashboard.enabled=true",
+    "monitoring.prometheusRule.enabled=true",
     "networkPolicy.enabled=true",
     "gateway.rbac.secretsNamespaced=true",
 ]
+DASHBOARD = CHART / "dashboards" / "kubeinfer.json"
+GATEWAY_CONFIG_PATH = "/etc/kubeinfer/gateway.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +202,15 @@ def test_gateway_deployment_and_service(helm: Any) -> None:
     dep = objs["Deployment", GATEWAY]
     assert dep["spec"]["replicas"] == 2
     c = _container(dep)
-    assert c["command"] == ["kubeinfer", "gateway", "--port", "8000", "--metrics-port", "9090"]
+    assert c["command"] == [
+        "kubeinfer", "gateway", "--port", "8000", "--metrics-port", "9090", "--config", GATEWAY_CONFIG_PATH
+    ]  # fmt: skip
+    # The --config file is the ConfigMap's key, mounted where the command looks for it.
+    mount = next(m for m in c["volumeMounts"] if m["name"] == "config")
+    assert f"{mount['mountPath']}/gateway.yaml" == GATEWAY_CONFIG_PATH
+    volume = next(v for v in dep["spec"]["template"]["spec"]["volumes"] if v["name"] == "config")
+    assert volume["configMap"]["name"] == GATEWAY
+    assert set(objs["ConfigMap", GATEWAY]["data"]) == {"gateway.yaml"}
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports == {"http": 8000, "metrics": 9090}
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
@@ -204,9 +227,6 @@ def test_gateway_deployment_and_service(helm: Any) -> None:
     pod_labels = dep["spec"]["template"]["metadata"]["labels"]
     assert svc["spec"]["selector"].items() <= pod_labels.items()
     assert svc["spec"]["selector"]["app.kubernetes.io/component"] == "gateway"
-    assert objs["ConfigMap", GATEWAY]["data"] == {
-        "gateway.yaml": "# Rendered by the kubeinfer Helm chart from the value gateway.config.\n{}\n"
-    }
 
 
 def test_image_registry_digest_and_tag(helm: Any) -> None:
@@ -288,6 +308,8 @@ def test_all_optional_features(helm: Any) -> None:
     assert extra == {
         ("ServiceMonitor", GATEWAY),
         ("PodMonitor", "ki-kubeinfer-models"),
+        ("ConfigMap", "ki-kubeinfer-dashboard"),
+        ("PrometheusRule", "ki-kubeinfer"),
         ("NetworkPolicy", "ki-kubeinfer-models"),
         ("Role", GATEWAY),
         ("RoleBinding", GATEWAY),
@@ -310,6 +332,17 @@ def test_all_optional_features(helm: Any) -> None:
     assert pm["spec"]["namespaceSelector"] == {"any": True}
     (endpoint,) = pm["spec"]["podMetricsEndpoints"]
     assert (endpoint["port"], endpoint["path"]) == (contract.ENGINE_PORT_NAME, contract.METRICS_PATH)
+    # Engine samples get model="<namespace>/<LLMModel>": the gateway's own model label when it watches
+    # every namespace (no --namespace, as the chart runs it), so one $model filter fits both.
+    (relabel,) = endpoint["relabelings"]
+    meta_label = "__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", contract.LABEL_MODEL)
+    assert relabel == {
+        "sourceLabels": ["__meta_kubernetes_namespace", meta_label],
+        "separator": "/",
+        "targetLabel": "model",
+        "action": "replace",
+    }
+    assert "--namespace" not in _container(objs["Deployment", GATEWAY])["command"]
 
     np = objs["NetworkPolicy", "ki-kubeinfer-models"]
     assert np["metadata"]["namespace"] == NAMESPACE
@@ -366,6 +399,13 @@ def test_monitor_labels_and_intervals(helm: Any) -> None:
         ("operator.config.startupTimeoutSeconds=5", ["/operator/config/startupTimeoutSeconds"]),
         ("operator.config.unknown=1", ["/operator/config", "'unknown' not allowed"]),
         ("gateway.service.type=Ingress", ["/gateway/service/type"]),
+        ("gateway.config.auth=sometimes", ["/gateway/config/auth", "auto", "keys", "anonymous"]),
+        ("gateway.config.retries=11", ["/gateway/config/retries", "maximum"]),
+        ("gateway.config.scrapeInterval=0", ["/gateway/config/scrapeInterval"]),
+        ("gateway.config.maxBodyBytes=10", ["/gateway/config/maxBodyBytes", "minimum"]),
+        ("gateway.config.scrapeIntervall=2", ["/gateway/config", "'scrapeIntervall' not allowed"]),
+        ("monitoring.grafanaDashboard.enabled=yes", ["/monitoring/grafanaDashboard/enabled", "boolean"]),
+        ("monitoring.prometheusRule.errorRatio=2", ["/monitoring/prometheusRule/errorRatio", "maximum"]),
         ("networkPolicy.enabled=yes", ["/networkPolicy/enabled", "boolean"]),
     ],
 )
@@ -473,3 +513,448 @@ def test_crds_are_not_templates() -> None:
     # (with every LLMModel in the cluster) on `helm uninstall`.
     for path in (CHART / "templates").iterdir():
         assert "CustomResourceDefinition" not in path.read_text(), path
+
+
+# --- the gateway's configuration file ------------------------------------------------------------------
+
+
+def _gateway_config(helm: Any, *sets: str, values: dict[str, Any] | None = None, tmp: Path) -> GatewayConfig:
+    """gateway.yaml of the rendered ConfigMap, read as the gateway reads its --config file."""
+    cm = by_kind(template(helm, *sets, values=values, tmp=tmp))["ConfigMap", GATEWAY]
+    data = yaml.safe_load(cm["data"]["gateway.yaml"])
+    return GatewayConfig.model_validate(data)
+
+
+def test_gateway_config_defaults_are_the_gateways_own_but_auth_keys(helm: Any, tmp_path: Path) -> None:
+    config = _gateway_config(helm, tmp=tmp_path)
+    # The chart spells out the gateway's defaults; only auth differs: in a cluster every request
+    # needs a key (auto would leave the API open until the first key Secret is created).
+    assert config == GatewayConfig(auth="keys")
+    assert config.auth == "keys"
+    assert config.hold_timeout is None and config.keys_namespace is None  # the models' / POD_NAMESPACE
+
+
+def test_gateway_config_follows_values(helm: Any, tmp_path: Path) -> None:
+    overrides = {
+        "auth": "auto",
+        "keysNamespace": "team-keys",
+        "scrapeInterval": 2.5,
+        "scrapeTimeout": 1,
+        "holdTimeout": 30,
+        "retries": 0,
+        "maxBodyBytes": 1 << 20,
+        "logFormat": "text",
+        "accessLog": False,
+    }
+    config = _gateway_config(helm, values={"gateway": {"config": overrides}}, tmp=tmp_path)
+    assert config == GatewayConfig.model_validate(overrides)
+    assert (config.auth, config.keys_namespace, config.hold_timeout) == ("auto", "team-keys", 30)
+    assert (config.max_body_bytes, config.access_log, config.log_format) == (1 << 20, False, "text")
+    # --set works too, and a new configuration rolls the gateway pods.
+    assert _gateway_config(helm, "gateway.config.auth=anonymous", tmp=tmp_path).auth == "anonymous"
+    before = by_kind(template(helm))["Deployment", GATEWAY]["spec"]["template"]["metadata"]["annotations"]
+    after = by_kind(template(helm, "gateway.config.retries=1"))["Deployment", GATEWAY]["spec"]["template"]
+    assert after["metadata"]["annotations"]["checksum/config"] != before["checksum/config"]
+
+
+def _constraints(prop: dict[str, Any]) -> dict[str, Any]:
+    """Types, enum and bounds of a JSON-schema property, however it is spelt (anyOf or type lists)."""
+    out: dict[str, Any] = {"types": set()}
+    for variant in prop.get("anyOf", [prop]):
+        kind = variant.get("type")
+        out["types"] |= set(kind) if isinstance(kind, list) else {kind}
+        for word in ("enum", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "pattern"):
+            if word in variant:
+                out[word] = sorted(variant[word]) if word == "enum" else variant[word]
+    return out
+
+
+def test_values_schema_of_gateway_config_is_the_models() -> None:
+    """values.schema.json's gateway.config says what GatewayConfig accepts: same keys, types, enums
+    and bounds, nothing else (so helm refuses what the gateway would refuse at start)."""
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    chart = schema["properties"]["gateway"]["properties"]["config"]
+    model = GatewayConfig.model_json_schema(by_alias=True)
+    assert chart["additionalProperties"] is False and model["additionalProperties"] is False
+    assert set(chart["properties"]) == set(model["properties"])
+    for key, prop in model["properties"].items():
+        assert _constraints(chart["properties"][key]) == _constraints(prop), key
+    # values.yaml spells out every default it sets, and they are the model's (auth aside).
+    values = yaml.safe_load((CHART / "values.yaml").read_text())["gateway"]["config"]
+    for key, value in values.items():
+        if key != "auth":
+            assert value == model["properties"][key]["default"], key
+
+
+def _notes(helm: Any, tmp_path: Path, *sets: str) -> str:
+    """templates/NOTES.txt as `helm install` prints it (helm template leaves NOTES out, so a copy of
+    the chart renders it through tpl into a ConfigMap)."""
+    chart = tmp_path / "chart"
+    shutil.copytree(CHART, chart, dirs_exist_ok=True)
+    (chart / "notes.txt").write_text((CHART / "templates" / "NOTES.txt").read_text())
+    (chart / "templates" / "zz-notes.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes\ndata:\n  notes: |\n"
+        '    {{- tpl (.Files.Get "notes.txt") . | nindent 4 }}\n'
+    )
+    args = [
+        "template",
+        RELEASE,
+        str(chart),
+        "--namespace",
+        NAMESPACE,
+        "--show-only",
+        "templates/zz-notes.yaml",
+    ]
+    for s in sets:
+        args += ["--set", s]
+    return yaml.safe_load(helm(*args).stdout)["data"]["notes"]
+
+
+def test_notes_say_how_to_create_an_api_key(helm: Any, tmp_path: Path) -> None:
+    notes = _notes(helm, tmp_path)
+    ns = f"kubectl -n {NAMESPACE}"
+    assert f'{ns} create secret generic api-key-alice --from-literal={contract.API_KEY_DATA}="$KEY"' in notes
+    assert f"{ns} label secret api-key-alice {contract.LABEL_API_KEY}=true" in notes
+    for annotation in (
+        contract.ANNOTATION_KEY_NAME,
+        contract.ANNOTATION_KEY_MODELS,
+        contract.ANNOTATION_KEY_RPM,
+        contract.ANNOTATION_KEY_TPM,
+    ):
+        assert f"{annotation}=" in notes, annotation
+    assert "serves nothing" in notes and "401" in notes  # auth: keys, the chart's default
+    assert "Authorization: Bearer $KEY" in notes
+
+    auto = _notes(helm, tmp_path, "gateway.config.auth=auto", "gateway.config.keysNamespace=team-keys")
+    assert "kubectl -n team-keys create secret generic" in auto
+    assert "open to anyone" in auto and "serves nothing" not in auto
+    anonymous = _notes(helm, tmp_path, "gateway.config.auth=anonymous")
+    assert "create secret" not in anonymous and "Bearer" not in anonymous
+    assert "takes no keys" in anonymous
+
+
+# --- metric names: the gateway's, from the real app; the engines', from real captures -------------------
+
+VLLM_METRICS = FIXTURES / "vllm-0.32.0" / "metrics_under_load.txt"
+LLAMA_METRICS = FIXTURES / "llama-server" / "metrics_under_load.txt"
+# Labels Prometheus adds to the model pods' samples: the target's, and the PodMonitor's podTargetLabels
+# and relabelings (model = <namespace>/<LLMModel name>).
+ENGINE_TARGET_LABELS = {"namespace", "pod", "container", "endpoint", "job", "instance", "model",
+                        "kubeinfer_io_model", "kubeinfer_io_engine"}  # fmt: skip
+PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless",
+                "bool", "offset", "inf", "nan"}  # fmt: skip
+_CLAUSE = re.compile(r"\b(by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression reads (not functions, keywords or label names)."""
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # strings ($model, regexes)
+    text = re.sub(r"\{[^}]*\}", "", text)  # label matchers
+    text = re.sub(r"\[[^\]]*\]", "", text)  # ranges ([5m], [$__rate_interval])
+    text = _CLAUSE.sub("", text)  # by (model, le), on (replica) ...
+    names = set()
+    for m in re.finditer(r"[a-zA-Z_:][a-zA-Z0-9_:]*", text):
+        before = text[m.start() - 1] if m.start() else " "
+        if before.isalnum() or before in "_.$":  # the exponent of 1e3, a variable
+            continue
+        if text[m.end() :].lstrip().startswith("(") or m.group() in PROMQL_WORDS:
+            continue
+        names.add(m.group())
+    return names
+
+
+def promql_label_names(expr: str) -> set[str]:
+    """Label names in the expression's matchers and by/on/... clauses."""
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    labels = {m.group(1) for block in re.findall(r"\{([^}]*)\}", text)
+              for m in re.finditer(r"([a-zA-Z_]\w*)\s*(?:=~|!~|!=|=)", block)}  # fmt: skip
+    for _, inner in _CLAUSE.findall(text):
+        labels |= {name.strip() for name in inner.split(",") if name.strip()}
+    return labels
+
+
+def _balanced(expr: str) -> bool:
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    stack: list[str] = []
+    for ch in text:
+        if ch in "([{":
+            stack.append({"(": ")", "[": "]", "{": "}"}[ch])
+        elif ch in ")]}" and (not stack or stack.pop() != ch):
+            return False
+    return not stack
+
+
+def test_promql_helpers() -> None:
+    expr = (
+        "histogram_quantile(0.99, sum by (model, le) "
+        '(rate(a_b_bucket{model=~"$model",x!="y"}[$__rate_interval])))'
+        " / on (model) group_left (replica) sum(vllm:c_total) * 1e3 > bool 0 and d"
+    )
+    assert promql_metric_names(expr) == {"a_b_bucket", "vllm:c_total", "d"}
+    assert promql_label_names(expr) == {"model", "le", "x", "replica"}
+    assert _balanced(expr) and not _balanced("sum(rate(x[5m])")
+
+
+@pytest.fixture(scope="module")
+def gateway_metrics() -> dict[str, set[str]]:
+    """{sample name: label names} of everything the real gateway exports, every family made to have
+    samples: a priced model (cost), a first attempt answered 503 (a retry), an unknown model (errors)."""
+    answered: list[str] = []
+
+    def engine(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/metrics":
+            return httpx.Response(404)
+        answered.append(request.url.host)
+        if len(answered) == 1:
+            return httpx.Response(503)
+        return httpx.Response(200, content=(FIXTURES / "vllm-0.32.0" / "chat_completion.json").read_bytes(),
+                              headers={"content-type": "application/json"})  # fmt: skip
+
+    reg = Registry()
+    model = ModelEntry(name="m", served_name="m", pricing=Pricing(prompt_per1_m=1.0, completion_per1_m=2.0))
+    reg.set_model(model, [Endpoint(id=f"r{i}", address=f"10.0.0.{i + 1}:8000", model="m") for i in range(2)])
+    app = create_app(reg, GatewaySettings(scrape_interval=3600), transport=httpx.MockTransport(engine))
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    with TestClient(app) as client:
+        assert client.post("/v1/chat/completions", json={"model": "m", **chat}).status_code == 200
+        assert client.post("/v1/chat/completions", json={"model": "nope", **chat}).status_code == 404
+        text = client.get("/metrics").text
+    assert len(answered) == 2  # the 503 was retried on the other replica
+    out: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(text):
+        assert family.samples, f"{family.name} has no samples: the fixture no longer exercises it"
+        for sample in family.samples:
+            out.setdefault(sample.name, set()).update(sample.labels)
+    return out
+
+
+def _engine_metrics(path: Path) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(path.read_text()):
+        for sample in family.samples:
+            out.setdefault(sample.name, set()).update(sample.labels)
+    return out
+
+
+@pytest.fixture(scope="module")
+def known_metrics(gateway_metrics: dict[str, set[str]]) -> dict[str, set[str]]:
+    engines = {**_engine_metrics(VLLM_METRICS), **_engine_metrics(LLAMA_METRICS)}
+    assert "vllm:num_requests_running" in engines and "llamacpp:requests_processing" in engines
+    return {**gateway_metrics, **{name: labels | ENGINE_TARGET_LABELS for name, labels in engines.items()}}
+
+
+def check_promql(expr: str, known: dict[str, set[str]]) -> set[str]:
+    """Fails unless every metric (and label) the expression reads exists; returns the metric names."""
+    assert _balanced(expr), expr
+    names = promql_metric_names(expr)
+    assert names, f"no metric in {expr!r}"
+    unknown = sorted(n for n in names if n not in known)
+    assert not unknown, f"{unknown} are not exported by the gateway or the engines: {expr}"
+    labels = set().union(*(known[n] for n in names))
+    assert promql_label_names(expr) <= labels, f"{promql_label_names(expr) - labels} unknown in {expr}"
+    return names
+
+
+def test_gateway_metric_names_are_the_documented_ones(gateway_metrics: dict[str, set[str]]) -> None:
+    # What the dashboard and the alerts are built on (prometheus_client adds _total / _bucket ...).
+    for name, labels in {
+        "kubeinfer_gateway_requests_total": {"model", "replica", "code"},
+        "kubeinfer_gateway_errors_total": {"model", "type"},
+        "kubeinfer_gateway_retries_total": {"model"},
+        "kubeinfer_gateway_tokens_total": {"model", "key", "kind"},
+        "kubeinfer_gateway_usage_requests_total": {"model", "key"},
+        "kubeinfer_gateway_estimated_cost_total": {"model", "key"},
+        "kubeinfer_gateway_queued_requests": {"model"},
+        "kubeinfer_gateway_inflight_requests": {"replica"},
+        "kubeinfer_gateway_queue_wait_seconds_bucket": {"model", "le"},
+        "kubeinfer_gateway_time_to_first_byte_seconds_bucket": {"model", "le"},
+        "kubeinfer_gateway_time_to_first_token_seconds_bucket": {"model", "replica", "le"},
+        "kubeinfer_gateway_request_duration_seconds_bucket": {"model", "replica", "le"},
+        "kubeinfer_gateway_output_tokens_per_second_bucket": {"model", "le"},
+    }.items():
+        assert gateway_metrics.get(name) == labels, name
+
+
+# --- Grafana dashboard ------------------------------------------------------------------------------------
+
+
+def _dashboard_targets(dashboard: dict[str, Any]) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            yield panel, target
+
+
+def test_dashboard_is_a_grafana_dashboard() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert 36 <= dashboard["schemaVersion"] <= 41
+    assert dashboard["uid"] and dashboard["title"]
+    assert dashboard.get("id") is None  # provisioned: Grafana assigns the id
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    model = variables["model"]
+    assert model["type"] == "query" and model["multi"] and model["includeAll"] and model["allValue"] == ".*"
+    assert model["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+    assert "kubeinfer_gateway_requests_total" in model["query"]["query"]
+
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    titles = set()
+    for panel in dashboard["panels"]:
+        assert panel.get("title"), panel
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24 and grid["h"] > 0
+        if panel["type"] == "row":
+            continue
+        titles.add(panel["title"])
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+        assert panel.get("description"), panel["title"]
+        assert panel["targets"], f"{panel['title']}: no query"
+        ref_ids = [t["refId"] for t in panel["targets"]]
+        assert len(ref_ids) == len(set(ref_ids)), panel["title"]
+        for target in panel["targets"]:
+            assert target["expr"].strip(), panel["title"]
+            assert target["datasource"] == panel["datasource"]
+            assert '"$model"' in target["expr"], f"{panel['title']}: not filtered by $model"
+    # The panels the dashboard is for.
+    for wanted in (
+        "Request rate by model and status code",
+        "Errors by type",
+        "Time to first token (p50, p99)",
+        "Queue wait (p50, p99)",
+        "Queued requests",
+        "In-flight requests per replica",
+        "Output tokens/s",
+        "Tokens by key",
+        "Estimated cost by key (per hour)",
+        "Retries",
+        "vLLM requests running and waiting",
+        "vLLM KV-cache usage",
+        "vLLM prefix-cache hit rate",
+        "llama.cpp requests processing and deferred",
+    ):
+        assert wanted in titles, wanted
+
+
+def test_dashboard_queries_read_only_real_metrics(known_metrics: dict[str, set[str]]) -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    used: set[str] = set()
+    for panel, target in _dashboard_targets(dashboard):
+        try:
+            used |= check_promql(target["expr"], known_metrics)
+        except AssertionError as exc:
+            raise AssertionError(f"panel {panel['title']!r}: {exc}") from None
+    variable = next(v for v in dashboard["templating"]["list"] if v["name"] == "model")
+    assert re.fullmatch(r"label_values\((\w+), model\)", variable["query"]["query"])
+    assert re.fullmatch(r"label_values\((\w+), model\)", variable["query"]["query"])[1] in known_metrics
+    # The engine panels read what each engine exports (vLLM's and llama.cpp's own names).
+    assert {
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "vllm:prefix_cache_hits_total",
+        "vllm:prefix_cache_queries_total",
+        "llamacpp:requests_processing",
+        "llamacpp:requests_deferred",
+    } <= used
+    assert {
+        "kubeinfer_gateway_requests_total",
+        "kubeinfer_gateway_errors_total",
+        "kubeinfer_gateway_retries_total",
+        "kubeinfer_gateway_tokens_total",
+        "kubeinfer_gateway_estimated_cost_total",
+        "kubeinfer_gateway_queued_requests",
+        "kubeinfer_gateway_inflight_requests",
+        "kubeinfer_gateway_queue_wait_seconds_bucket",
+        "kubeinfer_gateway_time_to_first_token_seconds_bucket",
+    } <= used
+
+
+def test_dashboard_configmap_only_when_enabled(helm: Any) -> None:
+    assert not [d for d in template(helm) if d["metadata"]["name"].endswith("-dashboard")]
+    objs = by_kind(template(helm, "monitoring.grafanaDashboard.enabled=true"))
+    cm = objs["ConfigMap", "ki-kubeinfer-dashboard"]
+    assert cm["metadata"]["namespace"] == NAMESPACE
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"  # the Grafana sidecar's default
+    assert cm["metadata"]["labels"]["app.kubernetes.io/instance"] == RELEASE
+    (name,) = cm["data"]
+    assert name.endswith(".json")
+    assert json.loads(cm["data"][name]) == json.loads(DASHBOARD.read_text())
+
+
+def test_dashboard_configmap_label_namespace_and_annotations(helm: Any, tmp_path: Path) -> None:
+    values = {
+        "monitoring": {
+            "grafanaDashboard": {
+                "enabled": True,
+                "namespace": "monitoring",
+                "label": "grafana.example.com/dashboard",
+                "labelValue": "kubeinfer",
+                "labels": {"team": "llm"},
+                "annotations": {"grafana_folder": "LLM"},
+            }
+        }
+    }
+    cm = by_kind(template(helm, values=values, tmp=tmp_path))["ConfigMap", "ki-kubeinfer-dashboard"]
+    assert cm["metadata"]["namespace"] == "monitoring"
+    assert cm["metadata"]["labels"]["grafana.example.com/dashboard"] == "kubeinfer"
+    assert cm["metadata"]["labels"]["team"] == "llm"
+    assert "grafana_dashboard" not in cm["metadata"]["labels"]
+    assert cm["metadata"]["annotations"] == {"grafana_folder": "LLM"}
+
+
+# --- PrometheusRule -----------------------------------------------------------------------------------------
+
+
+def _rules(helm: Any, *sets: str) -> list[dict[str, Any]]:
+    """The alerting rules rendered with --set-json of each setting."""
+    args = ["template", RELEASE, str(CHART), "--namespace", NAMESPACE]
+    for s in ("monitoring.prometheusRule.enabled=true", *sets):
+        key, _, value = s.partition("=")
+        args += ["--set-json", f"{key}={json.dumps(yaml.safe_load(value))}"]
+    objs = by_kind([d for d in yaml.safe_load_all(helm(*args).stdout) if d])
+    rule = objs["PrometheusRule", "ki-kubeinfer"]
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rule["metadata"]["namespace"] == NAMESPACE
+    return [r for group in rule["spec"]["groups"] for r in group["rules"]]
+
+
+def test_prometheus_rule_only_when_enabled(helm: Any) -> None:
+    assert not [d for d in template(helm) if d["kind"] == "PrometheusRule"]
+    assert {r["alert"] for r in _rules(helm)} == {
+        "KubeinferHighErrorRatio",
+        "KubeinferQueueWaitHigh",
+        "KubeinferNoReadyReplica",
+        "KubeinferQueueFull",
+    }
+
+
+def test_prometheus_rule_alerts_read_only_real_metrics(helm: Any, known_metrics: dict[str, set[str]]) -> None:
+    for rule in _rules(helm):
+        names = check_promql(rule["expr"], known_metrics)
+        assert all(n.startswith("kubeinfer_gateway_") for n in names), rule["alert"]
+        assert rule["for"] == "10m" and rule["labels"]["severity"] == "warning"
+        assert "{{ $labels.model }}" in rule["annotations"]["summary"]
+        assert rule["annotations"]["description"]
+        assert "{{" not in rule["expr"]  # no Helm (or alert) template left in PromQL
+    by_alert = {r["alert"]: r for r in _rules(helm)}
+    assert 'type="no_replica"' in by_alert["KubeinferNoReadyReplica"]["expr"]
+
+
+def test_prometheus_rule_follows_values(helm: Any) -> None:
+    # --set makes "0.2" a string (the schema refuses it); --set-json or a values file give a number.
+    assert helm("template", RELEASE, str(CHART), "--set", "monitoring.prometheusRule.errorRatio=0.2",
+                check=False).returncode != 0  # fmt: skip
+    rules = _rules(
+        helm,
+        "monitoring.prometheusRule.errorRatio=0.2",
+        "monitoring.prometheusRule.queueWaitP99Seconds=45",
+        "monitoring.prometheusRule.for=3m",
+        "monitoring.prometheusRule.severity=critical",
+        "monitoring.prometheusRule.labels.release=prom",
+    )
+    by_alert = {r["alert"]: r for r in rules}
+    assert by_alert["KubeinferHighErrorRatio"]["expr"].rstrip().endswith("> 0.2")
+    assert by_alert["KubeinferQueueWaitHigh"]["expr"].rstrip().endswith("> 45")
+    assert {r["for"] for r in rules} == {"3m"}
+    assert {r["labels"]["severity"] for r in rules} == {"critical"}
