@@ -190,6 +190,21 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     return 0 if all(run.success for run in result.runs) else 1
 
 
+def cmd_sim(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from kubeinfer.sim.model import EngineConfig
+    from kubeinfer.sim.server import create_app, make_server
+
+    try:
+        config = EngineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)})
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    app = create_app(config, model=args.model, prompt_tokens_details=args.enable_prompt_tokens_details)
+    make_server(app, args.host, args.port).run()
+    return 0
+
+
 def cmd_gateway(args: argparse.Namespace) -> int:
     import prometheus_client
     import uvicorn
@@ -329,6 +344,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="no log line per proxied request",
     )  # fmt: skip
     p.set_defaults(func=cmd_gateway)
+
+    from kubeinfer.sim.model import EngineConfig as Sim  # stdlib only: cheap enough to import here
+
+    p = sub.add_parser("sim", help="a simulated vLLM server for benchmarks without GPUs (docs/simulator.md)")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model", default="sim", help="the served model name (default: %(default)s)")
+    for flag, kind, text in (
+        ("--max-num-seqs", int, "running sequences at most"),
+        ("--max-num-batched-tokens", int, "tokens per engine step (decode + prefill chunks)"),
+        ("--num-blocks", int, "KV cache size in blocks"),
+        ("--block-size", int, "tokens per KV block"),
+        ("--max-model-len", int, "prompt + output tokens at most"),
+        ("--prefill-overhead-ms", float, "fixed cost of a step that prefills"),
+        ("--prefill-ms-per-token", float, "per prompt token not served from the prefix cache"),
+        ("--decode-ms", float, "fixed cost of a decode step"),
+        ("--decode-ms-per-seq", float, "added per sequence decoding in the step"),
+        ("--seed", int, "seeds the generated text"),
+    ):
+        default = getattr(Sim, flag[2:].replace("-", "_"))
+        p.add_argument(flag, type=kind, default=default, help=f"{text} (default: %(default)s)")
+    p.add_argument(
+        "--enable-prompt-tokens-details", action="store_true",
+        help="report usage.prompt_tokens_details.cached_tokens, as vLLM's flag of that name",
+    )  # fmt: skip
+    p.set_defaults(func=cmd_sim)
 
     p = sub.add_parser("demo", help="local control plane + operator + a tiny model, to Ready")
     p.add_argument("-f", "--file", default="examples/tiny-gguf-cpu.yaml", help="the LLMModel to apply")
