@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import socket
@@ -42,6 +43,8 @@ from kubeinfer.sim.model import (
     encode,
     output_words,
 )
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 16
 """Output length when a request sets no max_tokens (vLLM would fill the context: too slow to be useful)."""
@@ -99,7 +102,7 @@ class _Parsed:
     chat: bool
     pieces: list[str]
     max_tokens: int
-    requested_max_tokens: int
+    """As requested (the engine may get fewer, to fit the context)."""
     stream: bool
     include_usage: bool
 
@@ -119,8 +122,8 @@ class SimApp:
         self._metrics = _Metrics(self.registry, self.engine, model)
         self._model_json = _dumps(model)
         self._id_prefix = os.urandom(4).hex()  # ids unique across sims, then a counter: no per-request RNG
-        self._waiters: dict[int, asyncio.Future[None]] = {}
-        """Per request id, the future its handler awaits for the next tokens (resolved once, then dropped)."""
+        self._waiters: dict[int, tuple[int, asyncio.Future[None]]] = {}
+        """Per request id, what its handler waits for: more than this many tokens (or the end)."""
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -187,7 +190,7 @@ class SimApp:
         wake = self._ensure_running()
         engine = self.engine
         seq = engine.add(prompt, max_tokens, loop.time())
-        self._metrics.on_add(req.requested_max_tokens)
+        self._metrics.on_add(req.max_tokens)
         words = output_words(self.config.seed, prompt.digest, max_tokens)
         wake.set()
         watcher = loop.create_task(self._watch(receive, seq))
@@ -195,8 +198,7 @@ class SimApp:
             if req.stream:
                 await self._stream(send, req, seq, words)
             else:
-                while not seq.finished:
-                    await self._wait(seq, seq.output)
+                await self._wait(seq, max_tokens - 1)  # woken once, at the end
                 if seq.finish_reason != "abort":
                     await _send_json(send, 200, self._whole(req, seq, words))
         finally:
@@ -206,17 +208,17 @@ class SimApp:
                 engine.abort(seq, loop.time())
                 wake.set()
 
-    async def _wait(self, seq: Request, sent: int) -> None:
-        """Until `seq` has more than `sent` tokens, or is finished."""
-        while seq.output <= sent and not seq.finished:
+    async def _wait(self, seq: Request, tokens: int) -> None:
+        """Until `seq` has more than `tokens` tokens, or is finished."""
+        if seq.output <= tokens and not seq.finished:
             future = asyncio.get_running_loop().create_future()
-            self._waiters[seq.id] = future
+            self._waiters[seq.id] = (tokens, future)
             await future
 
     def _notify(self, seq: Request) -> None:
-        future = self._waiters.pop(seq.id, None)
-        if future is not None and not future.done():
-            future.set_result(None)
+        waiter = self._waiters.pop(seq.id, None)
+        if waiter is not None and not waiter[1].done():
+            waiter[1].set_result(None)
 
     async def _watch(self, receive: Receive, seq: Request) -> None:
         """Abort the request when its client disconnects, as vLLM does."""
@@ -270,7 +272,7 @@ class SimApp:
             )
         options = body.get("stream_options")
         include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
-        return _Parsed(chat, pieces, value, value, body.get("stream") is True, include_usage)
+        return _Parsed(chat, pieces, value, body.get("stream") is True, include_usage)
 
     def _max_tokens(self, req: _Parsed, prompt_tokens: int) -> int:
         limit = self.config.max_model_len
@@ -291,13 +293,13 @@ class SimApp:
             self._wake = asyncio.Event()
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run(self._wake))
+            self._task.add_done_callback(_log_crash)
         return self._wake
 
     async def _run(self, wake: asyncio.Event) -> None:
         """The engine loop: schedule a step, let its simulated time pass, hand out its tokens."""
         loop = asyncio.get_running_loop()
         engine, waiters, metrics = self.engine, self._waiters, self._metrics
-        pop = waiters.pop
         while True:
             step = engine.schedule(loop.time()) if engine.has_work() else None
             if step is None:
@@ -309,9 +311,11 @@ class SimApp:
             now = loop.time()
             engine.complete(step, now)
             for seq in step.emitted:
-                future = pop(seq.id, None)
-                if future is not None and not future.done():
-                    future.set_result(None)
+                waiter = waiters.get(seq.id)
+                if waiter is not None and (seq.output > waiter[0] or seq.finished):
+                    del waiters[seq.id]
+                    if not waiter[1].done():
+                        waiter[1].set_result(None)
             metrics.on_step(step, now)
 
     # -- bodies --------------------------------------------------------------------------------------
@@ -406,6 +410,12 @@ class SimApp:
             "parent": None, "max_model_len": self.config.max_model_len, "permission": [permission],
         }  # fmt: skip
         return {"object": "list", "data": [card]}
+
+
+def _log_crash(task: asyncio.Task[None]) -> None:
+    # A bug in the engine loop would otherwise leave every request hanging without a word.
+    if not task.cancelled() and task.exception() is not None:
+        log.error("simulator engine loop crashed", exc_info=task.exception())
 
 
 def _messages(messages: Any) -> list[tuple[str, str]]:
