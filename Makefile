@@ -9,7 +9,7 @@ PIP_FIND_LINKS := $(if $(WHEELS),--find-links $(WHEELS),)
 
 .PHONY: help
 help: ## list targets
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -65,13 +65,30 @@ llama-server: ## build (once, cached) llama-server from the llama.cpp sources of
 test-engine: llama-server ## tests against real llama-server and vLLM processes on CPU (tiny models)
 	$(PY) -m pytest -q -m engine
 
+.PHONY: test-e2e
+test-e2e: install control-plane llama-server ## the whole local stack: apply -> tokens, scaling, rollouts, restarts (needs install-engines)
+	$(PY) -m pytest -q -m e2e
+
 .PHONY: test-all
-test-all: install control-plane llama-server ## every tier that exists: unit, vLLM parser, k8s, engine
+test-all: install control-plane llama-server ## every tier: unit, vLLM parser, k8s, engine, e2e
 	$(PY) -m pytest -q
 
+# The tiny GGUF model is generated locally with the `gguf` package (part of the engines extra).
+GGUF_PKG := $(PY) -c 'import gguf' 2>/dev/null || $(PY) -m pip install -q 'gguf>=0.10'
+
+.PHONY: up
+up: install ## start the local stack (control plane, a GPU-less node running real engines, operator, gateway)
+	@$(GGUF_PKG)
+	$(VENV)/bin/kubeinfer up
+
+.PHONY: down
+down: ## stop the local stack and every engine it runs
+	$(VENV)/bin/kubeinfer down
+
 .PHONY: demo
-demo: install control-plane ## local control plane + operator + the tiny model, to Ready (then tears down)
-	$(VENV)/bin/kubeinfer demo -f examples/tiny-gguf-cpu.yaml
+demo: install ## the local stack + the tiny model: apply, Ready, a first chat completion (stop: make down)
+	@$(GGUF_PKG)
+	$(VENV)/bin/kubeinfer up -f examples/tiny-gguf-cpu.yaml
 
 .PHONY: estimates
 estimates: install ## print the GPU-memory estimate of every example

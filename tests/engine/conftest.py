@@ -12,13 +12,11 @@ way replicas have their own pod IPs, and is killed with its whole process group 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +27,7 @@ import httpx
 import pytest
 import yaml
 
+from kubeinfer.devcluster import procs
 from kubeinfer.devcluster.build import BuildError
 from kubeinfer.engines.llamacpp import ensure_llama_server, vocab_gguf
 from kubeinfer.engines.tinymodels import make_tiny_gguf, make_tiny_hf_llama
@@ -54,40 +53,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 # --- Processes -------------------------------------------------------------------------------------
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    """preexec_fn: SIGTERM the child if pytest dies without tearing down (Linux, main thread only)."""
-    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
-
-    def preexec() -> None:
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-    return preexec
-
-
-# Runs beside each engine: when pytest dies without teardown (SIGKILL, OOM), it kills the engine's
-# whole process group. PR_SET_PDEATHSIG alone is not enough: vLLM's API server catches the SIGTERM
-# while it starts up, does not exit, and its engine-core process would run on, orphaned.
-_WATCHDOG = """
-import os, signal, sys, time
-owner, pgid = int(sys.argv[1]), int(sys.argv[2])
-while os.getppid() == owner:  # re-parented once pytest is gone
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        sys.exit(0)  # the engine is gone already
-    time.sleep(1)
-try:
-    os.killpg(pgid, signal.SIGKILL)
-except ProcessLookupError:
-    pass
-"""
 
 
 def _tail(path: Path, lines: int = 40) -> str:
@@ -151,13 +116,11 @@ def _spawn(
         stderr=subprocess.STDOUT,
         env=env,
         start_new_session=True,  # own process group, so teardown can kill all of it
-        preexec_fn=_die_with_parent(),
+        preexec_fn=procs.die_with_parent(),
     )
-    watchdog = subprocess.Popen(
-        [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(popen.pid)],
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,  # not in the engine's group, and no Ctrl-C from the terminal
-    )
+    # PR_SET_PDEATHSIG alone is not enough if pytest dies without teardown: vLLM's API server
+    # ignores the SIGTERM while it starts up, and its engine-core process would run on, orphaned.
+    watchdog = procs.start_watchdog(popen.pid)
     return EngineProcess(name, host, port, list(argv), log, popen, _log_file=log_file, _watchdog=watchdog)
 
 

@@ -9,14 +9,22 @@ processes write (etcd data, certificates, kubeconfigs, one log file per componen
 stays in the state dir; a state dir made by us (``state_dir=None``) is removed on stop unless
 ``keep_state=True``.
 
+With ``reuse_state=True`` a second start keeps the certificates, tokens, etcd data and (if still
+free) the ports of the first, so objects and a user's kubeconfig survive a restart (``kubeinfer
+up``/``down``); by default every start is a fresh cluster.
+
 Authentication is a static token file: ``token`` (the admin, group system:masters, written into
 ``kubeconfig``), plus one token each for the controller-manager and the scheduler so that they run
-as the users the bootstrap RBAC policy expects. TLS uses a CA generated here; the kubeconfig holds
-that CA, so clients verify the server normally. The CA is also the apiserver's client CA.
+as the users the bootstrap RBAC policy expects, and one per name in ``node_users`` for
+``system:node:<name>``, what a kubelet authenticates as (:meth:`ControlPlane.node_kubeconfig`).
+TLS uses a CA generated here; the kubeconfig holds that CA, so clients verify the server normally.
+The CA is also the apiserver's client CA.
 
 kwok runs one fake node (``node_name``) advertising ``nvidia.com/gpu`` and makes pods bound to it
 Running/Ready with an IP from ``pod_cidr``. Those pod IPs, the node's and Service ClusterIPs are
-only data: nothing listens there, and nothing should ever dial them.
+only data: nothing listens there, and nothing should ever dial them. kwok manages only nodes
+annotated ``kwok.x-k8s.io/node: fake``: a node registered by someone else (the local stack's node
+agent, which runs real processes) is left alone.
 
 CLI (keeps running until Ctrl-C)::
 
@@ -29,7 +37,6 @@ import argparse
 import atexit
 import base64
 import contextlib
-import ctypes
 import datetime as dt
 import ipaddress
 import json
@@ -46,14 +53,14 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import yaml
 
-from kubeinfer.devcluster import build
+from kubeinfer.devcluster import build, procs
 
 SERVICE_CLUSTER_IP_RANGE = "10.96.0.0/16"
 KUBERNETES_SERVICE_IP = "10.96.0.1"  # first IP of the range: the `kubernetes` Service, in the SANs
@@ -72,6 +79,17 @@ class _Proc:
     popen: subprocess.Popen[bytes]
     log_path: Path
     log_file: IO[bytes]
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # As the servers bind: a port whose old connections linger in TIME_WAIT is free.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _free_ports(n: int) -> list[int]:
@@ -201,26 +219,6 @@ def _write_pki(pki: Path) -> None:
 # --- Processes -------------------------------------------------------------------------------------
 
 
-def _die_with_parent() -> Callable[[], None] | None:
-    """A preexec_fn so children get SIGTERM if this Python process dies without cleaning up.
-
-    PR_SET_PDEATHSIG fires when the *thread* that forked exits, so it is only used when starting
-    from the main thread (a control plane started from a worker thread would otherwise die with it).
-    """
-    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
-    pr_set_pdeathsig = 1
-
-    def preexec() -> None:
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-    return preexec
-
-
 class ControlPlane:
     """Start/stop a local control plane; see the module docstring.
 
@@ -242,6 +240,9 @@ class ControlPlane:
         node_memory: str = "256Gi",
         pod_cidr: str = DEFAULT_POD_CIDR,
         keep_state: bool = False,
+        reuse_state: bool = False,
+        node_users: Sequence[str] = (),
+        disabled_controllers: Sequence[str] = (),
         startup_timeout: float = 120.0,
         log: Callable[[str], None] | None = None,
     ) -> None:
@@ -257,6 +258,9 @@ class ControlPlane:
         self._log = log or (lambda msg: print(f"[kubeinfer controlplane] {msg}", file=sys.stderr, flush=True))
         self._own_state = state_dir is None
         self._keep_state = keep_state
+        self.reuse_state = reuse_state
+        self.node_users = tuple(node_users)
+        self.disabled_controllers = tuple(disabled_controllers)
         self.state_dir = (
             Path(state_dir)
             if state_dir is not None
@@ -366,46 +370,79 @@ class ControlPlane:
     def log_path(self, component: str) -> Path:
         return self.log_dir / f"{component}.log"
 
+    def node_kubeconfig(self, node: str) -> Path:
+        """Kubeconfig of `system:node:<node>` (group system:nodes), for a name in `node_users`: the
+        Node authorizer and the NodeRestriction admission plugin hold it to what a kubelet may do."""
+        return self.state_dir / f"node-{node}.kubeconfig"
+
+    def get(self, path: str) -> Any:
+        """GET an API path as the admin (JSON); None on 404."""
+        return self._get(path)
+
+    def processes(self) -> dict[str, subprocess.Popen[bytes]]:
+        """The running components by name (for a supervisor that records and watches them)."""
+        return {p.name: p.popen for p in self._procs}
+
     # -- setup --------------------------------------------------------------------------------------
 
     def _prepare(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        # Always a fresh cluster: certificates and tokens are new, so old data would be useless.
-        shutil.rmtree(self.state_dir / "etcd", ignore_errors=True)
         self.log_dir.mkdir(exist_ok=True)
-        _write_pki(self.pki_dir)
+        tokens_json = self.pki_dir / "tokens.json"
+        reuse = self.reuse_state and (self.pki_dir / "apiserver.crt").is_file() and tokens_json.is_file()
+        if not reuse:
+            # A fresh cluster: certificates and tokens are new, so old data would be useless.
+            shutil.rmtree(self.state_dir / "etcd", ignore_errors=True)
+            _write_pki(self.pki_dir)
         self._ssl = ssl.create_default_context(cafile=str(self.ca_file))
 
-        ports = _free_ports(6)
-        self.ports = dict(
-            zip(
-                ["etcd-client", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kwok"],
-                ports,
-                strict=True,
-            )
+        names = ["etcd-client", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kwok"]
+        ports_json = self.state_dir / "ports.json"
+        old_ports: dict[str, int] = (
+            json.loads(ports_json.read_text()) if reuse and ports_json.is_file() else {}
         )
+        # The same apiserver port as last time keeps a user's `export KUBECONFIG=...` working.
+        if sorted(old_ports) == sorted(names) and all(_port_free(p) for p in old_ports.values()):
+            self.ports = old_ports
+        else:
+            self.ports = dict(zip(names, _free_ports(len(names)), strict=True))
+        ports_json.write_text(json.dumps(self.ports))
         self.server = f"https://127.0.0.1:{self.ports['apiserver']}"
 
-        # Static tokens. Format: token,user,uid,"group1,group2"
-        self.token = secrets.token_hex(24)
-        self._kcm_token = secrets.token_hex(24)
-        self._sched_token = secrets.token_hex(24)
-        tokens = self.pki_dir / "tokens.csv"
-        tokens.write_text(
-            f'{self.token},admin,admin,"system:masters"\n'
-            f"{self._kcm_token},system:kube-controller-manager,system:kube-controller-manager\n"
-            f"{self._sched_token},system:kube-scheduler,system:kube-scheduler\n"
+        tokens: dict[str, str] = json.loads(tokens_json.read_text()) if reuse else {}
+        users = {
+            "admin": '"system:masters"',
+            "system:kube-controller-manager": "",
+            "system:kube-scheduler": "",
+            **{f"system:node:{n}": '"system:nodes"' for n in self.node_users},
+        }
+        for user in users:
+            tokens.setdefault(user, secrets.token_hex(24))
+        tokens_json.write_text(json.dumps(tokens))
+        tokens_json.chmod(0o600)
+        self.token = tokens["admin"]
+        # Static tokens. Format: token,user,uid[,"group1,group2"]
+        csv = self.pki_dir / "tokens.csv"
+        csv.write_text(
+            "".join(
+                f"{tokens[u]},{u},{u}" + (f",{groups}" if groups else "") + "\n"
+                for u, groups in users.items()
+            )
         )
-        tokens.chmod(0o600)
+        csv.chmod(0o600)
         self._write_kubeconfig(self.kubeconfig, "admin", self.token)
         self._write_kubeconfig(
             self.state_dir / "controller-manager.kubeconfig",
             "system:kube-controller-manager",
-            self._kcm_token,
+            tokens["system:kube-controller-manager"],
         )
         self._write_kubeconfig(
-            self.state_dir / "scheduler.kubeconfig", "system:kube-scheduler", self._sched_token
+            self.state_dir / "scheduler.kubeconfig", "system:kube-scheduler", tokens["system:kube-scheduler"]
         )
+        for node in self.node_users:
+            self._write_kubeconfig(
+                self.node_kubeconfig(node), f"system:node:{node}", tokens[f"system:node:{node}"]
+            )
 
     def _write_kubeconfig(self, path: Path, user: str, token: str) -> None:
         ca_data = base64.b64encode(self.ca_file.read_bytes()).decode()
@@ -470,6 +507,9 @@ class ControlPlane:
                 "--requestheader-group-headers=X-Remote-Group",
                 "--requestheader-extra-headers-prefix=X-Remote-Extra-",
                 "--authorization-mode=Node,RBAC",
+                # `kubectl logs` reaches a node at its InternalIP (127.0.0.1); the default would try
+                # the Hostname address first, which does not resolve.
+                "--kubelet-preferred-address-types=InternalIP,Hostname",
                 f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
                 f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
                 f"--service-account-key-file={pki / 'sa.pub'}",
@@ -502,7 +542,7 @@ class ControlPlane:
                 # All default controllers: namespace, garbage collector, deployment/replicaset, job,
                 # serviceaccount(+token), endpoints, node lifecycle (evicts pods from a dead kwok node) ...
                 # The cloud/ipam ones stay off because their flags (--allocate-node-cidrs ...) are unset.
-                "--controllers=*",
+                "--controllers=" + ",".join(["*", *(f"-{c}" for c in self.disabled_controllers)]),
                 # Each controller talks to the API as its own ServiceAccount (TokenRequest tokens),
                 # the way a real cluster runs; their RBAC roles come from the bootstrap policy.
                 "--use-service-account-credentials=true",
@@ -639,7 +679,7 @@ class ControlPlane:
             cwd=self.state_dir,
             # Own process group: a terminal's Ctrl-C reaches only us, and we stop them in order.
             start_new_session=True,
-            preexec_fn=_die_with_parent(),
+            preexec_fn=procs.die_with_parent(),
         )
         self._procs.append(_Proc(name, popen, log_path, log_file))
 
