@@ -85,7 +85,7 @@ def _app(target_inflight: int, max_queue: int, delay: float, ready: bool = True,
 
 
 async def _post_many(app, n):
-    async with app.router.lifespan_context(app):
+    async with app.router.router.lifespan_context(app.router):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
             return await asyncio.gather(*(c.post("/v1/chat/completions", json=CHAT) for _ in range(n)))

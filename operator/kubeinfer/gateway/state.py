@@ -1,0 +1,129 @@
+"""The gateway's settings and its shared state: routing loads, queues, the usage ledger, metrics.
+
+One State per gateway process, created in the app's lifespan; the proxy and the admin endpoints
+read and update it from the one event loop, so it needs no locks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from kubeinfer.gateway.admission import ModelQueue
+from kubeinfer.gateway.auth import KeyStore
+from kubeinfer.gateway.registry import ModelEntry, Registry
+from kubeinfer.gateway.routing import Endpoint, Load
+from kubeinfer.gateway.upstream import Upstream
+from kubeinfer.gateway.usage import Usage
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+@dataclass
+class GatewaySettings:
+    max_body_bytes: int = 32 << 20
+    retries: int = 2
+    hold_timeout: float | None = None
+    """How long a request may wait for a replica; None: the model's routing.queueTimeout."""
+    scrape_interval: float = 1.0
+    scrape_timeout: float = 0.5
+    connect_timeout: float = 5.0
+    read_timeout: float = 600.0
+
+
+@dataclass
+class State:
+    registry: Registry
+    settings: GatewaySettings
+    upstream: Upstream
+    loads: dict[str, Load] = field(default_factory=dict)
+    rr: dict[str, int] = field(default_factory=dict)
+    queues: dict[str, ModelQueue[Endpoint]] = field(default_factory=dict)
+    ledger: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
+    keys: KeyStore = field(default_factory=KeyStore)
+    metrics: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        self._register()
+
+    def _register(self) -> None:
+        self.requests = Counter(
+            "kubeinfer_gateway_requests", "Requests by model, replica and status code",
+            ["model", "replica", "code"], registry=self.metrics,
+        )  # fmt: skip
+        self.errors = Counter(
+            "kubeinfer_gateway_errors", "Errors answered by the gateway, by type", ["model", "type"],
+            registry=self.metrics,
+        )  # fmt: skip
+        self.retries = Counter("kubeinfer_gateway_retries", "Retries on another replica", ["model"],
+                               registry=self.metrics)  # fmt: skip
+        self.tokens = Counter(
+            "kubeinfer_gateway_tokens", "Tokens by model, API key and kind (prompt, completion)",
+            ["model", "key", "kind"], registry=self.metrics,
+        )  # fmt: skip
+        self.cost = Counter(
+            "kubeinfer_gateway_estimated_cost", "Estimated cost (spec.pricing) by model and API key",
+            ["model", "key"], registry=self.metrics,
+        )  # fmt: skip
+        self.usage_requests = Counter(
+            "kubeinfer_gateway_usage_requests", "Successful requests by model and API key", ["model", "key"],
+            registry=self.metrics,
+        )  # fmt: skip
+        self.queued = Gauge(
+            "kubeinfer_gateway_queued_requests", "Requests waiting for a replica (the autoscaler's signal)",
+            ["model"], registry=self.metrics,
+        )  # fmt: skip
+        self.inflight_gauge = Gauge(
+            "kubeinfer_gateway_inflight_requests", "Requests this gateway has open, by replica", ["replica"],
+            registry=self.metrics,
+        )  # fmt: skip
+        self.queue_wait = Histogram(
+            "kubeinfer_gateway_queue_wait_seconds", "Time a request waited for a replica slot", ["model"],
+            buckets=_LATENCY_BUCKETS, registry=self.metrics,
+        )  # fmt: skip
+        self.ttfb = Histogram(
+            "kubeinfer_gateway_time_to_first_byte_seconds", "Upstream time to response headers", ["model"],
+            buckets=_LATENCY_BUCKETS, registry=self.metrics,
+        )  # fmt: skip
+        self.ttft = Histogram(
+            "kubeinfer_gateway_time_to_first_token_seconds",
+            "Arrival to the first body chunk sent back (the first token of a stream)", ["model", "replica"],
+            buckets=_LATENCY_BUCKETS, registry=self.metrics,
+        )  # fmt: skip
+        self.duration = Histogram(
+            "kubeinfer_gateway_request_duration_seconds", "Arrival to the last byte sent back",
+            ["model", "replica"], buckets=_LATENCY_BUCKETS, registry=self.metrics,
+        )  # fmt: skip
+        self.output_rate = Histogram(
+            "kubeinfer_gateway_output_tokens_per_second", "Completion tokens/s after the first token",
+            ["model"], buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000), registry=self.metrics,
+        )  # fmt: skip
+
+    def record_usage(self, model: ModelEntry, usage: Usage | None, key: str = "anonymous") -> None:
+        """The usage ledger: requests, tokens and estimated cost per API key and model."""
+        entry = self.ledger.setdefault(
+            (key, model.name), {"requests": 0, "promptTokens": 0, "completionTokens": 0, "estimatedCost": 0.0}
+        )
+        entry["requests"] += 1
+        self.usage_requests.labels(model.name, key).inc()
+        if usage is not None:
+            entry["promptTokens"] += usage.prompt_tokens
+            entry["completionTokens"] += usage.completion_tokens
+            self.tokens.labels(model.name, key, "prompt").inc(usage.prompt_tokens)
+            self.tokens.labels(model.name, key, "completion").inc(usage.completion_tokens)
+            cost = model.cost(usage.prompt_tokens, usage.completion_tokens)
+            if cost:
+                entry["estimatedCost"] += cost
+                self.cost.labels(model.name, key).inc(cost)
+
+    def release(self, model: str, endpoint_id: str) -> None:
+        """A request to `endpoint_id` ended: free its slot and let the model's queue move."""
+        self.inflight(endpoint_id, -1)
+        queue = self.queues.get(model)
+        if queue is not None:
+            queue.wake()
+
+    def inflight(self, endpoint_id: str, delta: int) -> None:
+        load = self.loads.get(endpoint_id, Load())
+        self.loads[endpoint_id] = Load(max(0, load.inflight + delta), load.scraped, load.scraped_at)
