@@ -44,6 +44,7 @@ ANNOTATION_KEY_MODELS: Final = f"{GROUP}/models"  # comma-separated public model
 ANNOTATION_KEY_RPM: Final = f"{GROUP}/requests-per-minute"
 ANNOTATION_KEY_TPM: Final = f"{GROUP}/tokens-per-minute"
 ANNOTATION_KEY_ALLOW_REMOTE: Final = f"{GROUP}/allow-remote"  # "true" lets the key use remote models
+ANNOTATION_KEY_ADMIN: Final = f"{GROUP}/admin"  # "true" lets the key read /v1/admin/*
 
 # Every engine container listens here; the gateway connects to podIP:ENGINE_PORT.
 ENGINE_PORT: Final = 8000

@@ -130,6 +130,7 @@ async def test_gateway_routes_discovered_pods_to_real_engines(k8s_api, control_p
     await core.create_namespaced_secret(
         NS, _key_secret("team-a", "sk-team-a", key_name="team-a", models="tiny")
     )
+    await core.create_namespaced_secret(NS, _key_secret("ops", "sk-ops", admin="true"))
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -175,8 +176,11 @@ async def test_gateway_routes_discovered_pods_to_real_engines(k8s_api, control_p
             )
             assert rotated.status_code == 200
 
-            usage = (await http.get("/admin/usage")).json()["data"]
-            admin = {m["name"]: m for m in (await http.get("/admin/models")).json()["data"]}
+            rotated_auth = {"authorization": "Bearer sk-rotated"}
+            assert (await http.get("/admin/usage", headers=rotated_auth)).status_code == 403  # not admin
+            ops = {"authorization": "Bearer sk-ops"}
+            usage = (await http.get("/admin/usage", headers=ops)).json()["data"]
+            admin = {m["name"]: m for m in (await http.get("/admin/models", headers=ops)).json()["data"]}
         (row,) = [r for r in usage if r["key"] == "team-a"]
         assert row["requests"] == 12 + 6 + 1 and row["completionTokens"] == 20 * row["requests"]
         want_cost = (row["promptTokens"] * 1.0 + row["completionTokens"] * 2.0) / 1e6
@@ -194,3 +198,4 @@ async def test_gateway_routes_discovered_pods_to_real_engines(k8s_api, control_p
         for i in range(len(HOSTS)):
             await core.delete_namespaced_pod(f"tiny-{i}", NS, grace_period_seconds=0)
         await core.delete_namespaced_secret("team-a", NS)
+        await core.delete_namespaced_secret("ops", NS)

@@ -67,14 +67,16 @@ def _client(store: KeyStore):
 
 
 def test_gateway_enforces_keys_and_keeps_them_from_engines():
-    store = KeyStore([ApiKey("team-a", digest("sk-a"), requests_per_minute=1)])
+    store = KeyStore(
+        [ApiKey("team-a", digest("sk-a"), requests_per_minute=1), ApiKey("ops", digest("sk-o"), admin=True)]
+    )
     client, forwarded = _client(store)
     with client:
         missing = client.post("/v1/chat/completions", json=CHAT)
         wrong = client.post("/v1/chat/completions", json=CHAT, headers={"authorization": "Bearer nope"})
         ok = client.post("/v1/chat/completions", json=CHAT, headers={"authorization": "Bearer sk-a"})
         limited = client.post("/v1/chat/completions", json=CHAT, headers={"authorization": "Bearer sk-a"})
-        ledger = client.get("/v1/admin/usage").json()["data"]
+        ledger = client.get("/v1/admin/usage", headers={"authorization": "Bearer sk-o"}).json()["data"]
     assert missing.status_code == 401 and missing.json()["error"]["code"] == "invalid_api_key"
     assert wrong.status_code == 401
     assert ok.status_code == 200
@@ -179,3 +181,27 @@ def test_discovery_tracks_key_secrets():
     found.on_secret("DELETED", _secret({"key": "sk-1b"}, name="one"))
     with pytest.raises(Denied):  # the last key gone: still closed, not anonymous
         store.authenticate(None)
+
+
+def test_models_and_admin_endpoints_need_keys():
+    reg = Registry()
+    for name in ("a", "b"):
+        reg.set_model(
+            ModelEntry(name=name, served_name=name), [Endpoint(id=f"{name}0", address="x:1", model=name)]
+        )
+    keys = KeyStore([
+        ApiKey("user", digest("sk-user"), models=frozenset({"a"})),
+        ApiKey("ops", digest("sk-ops"), admin=True),
+    ])  # fmt: skip
+    app = create_app(reg, GatewaySettings(scrape_interval=3600), keys=keys)
+    with TestClient(app) as client:
+        assert client.get("/v1/models").status_code == 401
+        user = {"authorization": "Bearer sk-user"}
+        assert [m["id"] for m in client.get("/v1/models", headers=user).json()["data"]] == ["a"]
+        ops = {"authorization": "Bearer sk-ops"}
+        assert [m["id"] for m in client.get("/v1/models", headers=ops).json()["data"]] == ["a", "b"]
+        for path in ("/v1/admin/models", "/v1/admin/usage"):
+            assert client.get(path).status_code == 401
+            denied = client.get(path, headers=user)
+            assert denied.status_code == 403 and denied.json()["error"]["code"] == "admin_only"
+            assert client.get(path, headers=ops).status_code == 200

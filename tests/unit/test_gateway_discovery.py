@@ -61,3 +61,22 @@ def test_registry_follows_events():
     assert reg.resolve("meta/llama") is None and reg.resolve("meta/llama-v2") is not None
     d.on_model("DELETED", renamed)
     assert reg.resolve("meta/llama-v2") is None
+
+
+def test_entry_carries_pricing_remote_apis_and_fit_estimate():
+    from kubeinfer.gateway.discovery import entry_from_model
+
+    body = {
+        "metadata": {"name": "r"},
+        "spec": {"model": {"servedName": "r"}, "pricing": {"promptPer1M": 1, "completionPer1M": 3},
+                 "remote": {"baseURL": "https://x/v1", "model": "m",
+                            "nativeAPIs": ["chat/completions", "responses"]}},
+        "status": {"estimate": {"totalGiB": 11.9, "fits": True}},
+    }  # fmt: skip
+    entry = entry_from_model(body)
+    assert entry.cost(1_000_000, 1_000_000) == 4.0
+    assert entry.remote is not None and entry.remote.native_apis == frozenset(
+        {"chat/completions", "responses"}
+    )
+    assert entry.estimate == {"totalGiB": 11.9, "fits": True}
+    assert entry_from_model({"metadata": {"name": "p"}, "spec": {"model": {}}}).estimate is None

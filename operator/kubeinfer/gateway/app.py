@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from kubeinfer.gateway.auth import KeyStore
+from kubeinfer.gateway.auth import ApiKey, Denied, KeyStore
 from kubeinfer.gateway.proxy import PROXIED, Receive, Scope, Send, error, parse_duration, proxy
 from kubeinfer.gateway.registry import Registry
 from kubeinfer.gateway.routing import Load
@@ -32,12 +32,30 @@ from kubeinfer.gateway.upstream import AiohttpUpstream, HttpxUpstream, Upstream,
 __all__ = ["PROXIED", "GatewaySettings", "State", "create_app", "error", "parse_duration", "scrape_once"]
 
 
+def _caller(request: Request, admin: bool = False) -> ApiKey | JSONResponse:
+    """The request's API key, or the 401/403 answer (the same keys as the proxied API)."""
+    state: State = request.app.state.gw
+    try:
+        key = state.keys.authenticate(
+            request.headers.get("authorization") or request.headers.get("x-api-key")
+        )
+    except Denied as denied:
+        return error(denied.status, denied.message, "invalid_request_error", code=denied.code)
+    if admin and not key.admin:
+        return error(403, "this API key may not use the admin API", "permission_error", code="admin_only")
+    return key
+
+
 async def list_models(request: Request) -> JSONResponse:
     state: State = request.app.state.gw
+    key = _caller(request)
+    if isinstance(key, JSONResponse):
+        return key
     data = [
         {"id": public, "object": "model", "owned_by": "kubeinfer", "created": 0,
          "root": entry.served_name, "engine": entry.engine, "modalities": list(entry.modalities)}
         for entry, public in state.registry.listed()
+        if key.models is None or public in key.models  # a key sees only the models it may use
     ]  # fmt: skip
     return JSONResponse({"object": "list", "data": data})
 
@@ -45,6 +63,8 @@ async def list_models(request: Request) -> JSONResponse:
 async def admin_models(request: Request) -> JSONResponse:
     """Per model: engine, replicas ready/total, queue, in-flight, and what the scrapes say."""
     state: State = request.app.state.gw
+    if isinstance(denied := _caller(request, admin=True), JSONResponse):
+        return denied
     now = time.monotonic()
     out = []
     for entry in state.registry.models.values():
@@ -68,6 +88,10 @@ async def admin_models(request: Request) -> JSONResponse:
                 ),
             })  # fmt: skip
         queue = state.queues.get(entry.name)
+        kv = [r["kvCacheUsage"] for r in replicas if r["kvCacheUsage"] is not None]
+        scraped = [s for e in endpoints if (s := state.loads.get(e.id, Load()).scraped) is not None]
+        hits = sum(s.prefix_cache_hits or 0 for s in scraped)
+        queries = sum(s.prefix_cache_queries or 0 for s in scraped)
         out.append({
             "name": entry.name, "servedName": entry.served_name, "aliases": list(entry.aliases),
             "engine": entry.engine, "modalities": list(entry.modalities), "strategy": entry.routing.strategy,
@@ -75,6 +99,9 @@ async def admin_models(request: Request) -> JSONResponse:
             "replicas": {"ready": sum(e.ready for e in endpoints), "total": len(endpoints)},
             "queued": queue.waiting if queue else 0,
             "inflight": sum(state.loads.get(e.id, Load()).inflight for e in endpoints),
+            "kvCacheUsage": sum(kv) / len(kv) if kv else None,  # mean over freshly scraped replicas
+            "prefixCacheHitRate": hits / queries if queries else None,  # since the engines started
+            "remote": entry.remote is not None, "estimate": entry.estimate,
             "replicaStats": replicas,
         })  # fmt: skip
     return JSONResponse({"object": "list", "data": out})
@@ -82,6 +109,8 @@ async def admin_models(request: Request) -> JSONResponse:
 
 async def admin_usage(request: Request) -> JSONResponse:
     state: State = request.app.state.gw
+    if isinstance(denied := _caller(request, admin=True), JSONResponse):
+        return denied
     data = [{"key": key, "model": model, **counts} for (key, model), counts in sorted(state.ledger.items())]
     return JSONResponse({"object": "list", "data": data})
 

@@ -44,6 +44,8 @@ class ApiKey:
     tokens_per_minute: int | None = None
     allow_remote: bool = False
     """Whether requests with this key may go to `remote` models (which cost money per token)."""
+    admin: bool = False
+    """Whether this key may read /v1/admin/* (every key's usage, replica addresses)."""
 
 
 @dataclass
@@ -104,6 +106,7 @@ def api_key_from_secret(secret: dict[str, Any]) -> ApiKey:
         requests_per_minute=_optional_int(annotations, contract.ANNOTATION_KEY_RPM),
         tokens_per_minute=_optional_int(annotations, contract.ANNOTATION_KEY_TPM),
         allow_remote=annotations.get(contract.ANNOTATION_KEY_ALLOW_REMOTE, "").lower() == "true",
+        admin=annotations.get(contract.ANNOTATION_KEY_ADMIN, "").lower() == "true",
     )
 
 
@@ -123,7 +126,7 @@ class KeyStore:
     def authenticate(self, authorization: str | None) -> ApiKey:
         """The key of an `Authorization: Bearer ...` header (or `x-api-key`); raises Denied (401)."""
         if self.anonymous:
-            return ApiKey(ANONYMOUS, "", allow_remote=True)
+            return ApiKey(ANONYMOUS, "", allow_remote=True, admin=True)
         token = (authorization or "").removeprefix("Bearer ").strip()
         if not token:
             raise Denied(401, "invalid_api_key", "missing API key: send Authorization: Bearer <key>")

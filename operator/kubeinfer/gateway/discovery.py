@@ -25,6 +25,7 @@ from kubeinfer.gateway.routing import Endpoint
 
 _log = logging.getLogger(__name__)
 
+
 def entry_from_model(body: dict[str, Any], remote_key: str | None = None) -> ModelEntry:
     meta, spec = body.get("metadata") or {}, body.get("spec") or {}
     model = spec.get("model") or {}
@@ -42,6 +43,7 @@ def entry_from_model(body: dict[str, Any], remote_key: str | None = None) -> Mod
         max_num_seqs=spec.get("maxNumSeqs"),
         remote=RemoteTarget(remote["baseURL"], remote["model"], remote_key, native) if remote else None,
         pricing=pricing,
+        estimate=(body.get("status") or {}).get("estimate"),
     )
 
 

@@ -56,6 +56,7 @@ class StaticKey(_Base):
     requests_per_minute: int | None = Field(default=None, ge=1)
     tokens_per_minute: int | None = Field(default=None, ge=1)
     allow_remote: bool = False
+    admin: bool = False
 
 
 class StaticDiscovery(_Base):
@@ -90,6 +91,8 @@ class ModelEntry:
     max_num_seqs: int | None = None
     remote: RemoteTarget | None = None
     pricing: Pricing | None = None
+    estimate: dict[str, object] | None = None
+    """The operator's GPU-memory fit estimate (status.estimate), shown by /v1/admin/models."""
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         """Estimated cost of a request's tokens at the model's price per million."""
@@ -174,6 +177,6 @@ def load_static_keys(path: str | Path) -> list[ApiKey]:
     spec = StaticDiscovery.model_validate(yaml.safe_load(Path(path).read_text()))
     return [
         ApiKey(k.name, k.key_sha256, frozenset(k.models) if k.models is not None else None,
-               k.requests_per_minute, k.tokens_per_minute, k.allow_remote)
+               k.requests_per_minute, k.tokens_per_minute, k.allow_remote, k.admin)
         for k in spec.api_keys
     ]  # fmt: skip
