@@ -331,6 +331,25 @@ async def watch_models(
     await list_then_watch("LLMModel", lister, args, {}, handle, on_synced)
 
 
+async def _watch_core(
+    api: client.ApiClient,
+    kind: str,
+    namespace: str | None,
+    selector: str,
+    handle: Handler,
+    on_synced: Callable[[], None],
+) -> None:
+    """List-then-watch core-API objects of `kind` ("pod", "secret") with a label selector."""
+    core = client.CoreV1Api(api)
+    if namespace:
+        lister: Any = getattr(core, f"list_namespaced_{kind}")
+        args: tuple[Any, ...] = (namespace,)
+    else:
+        lister = getattr(core, f"list_{kind}_for_all_namespaces")
+        args = ()
+    await list_then_watch(kind, lister, args, {"label_selector": selector}, handle, on_synced)
+
+
 async def watch_pods(
     api: client.ApiClient,
     namespace: str | None,
@@ -338,14 +357,7 @@ async def watch_pods(
     handle: Handler,
     on_synced: Callable[[], None],
 ) -> None:
-    core = client.CoreV1Api(api)
-    if namespace:
-        lister: Any = core.list_namespaced_pod
-        args: tuple[Any, ...] = (namespace,)
-    else:
-        lister = core.list_pod_for_all_namespaces
-        args = ()
-    await list_then_watch("pod", lister, args, {"label_selector": selector}, handle, on_synced)
+    await _watch_core(api, "pod", namespace, selector, handle, on_synced)
 
 
 async def watch_secrets(
@@ -355,11 +367,4 @@ async def watch_secrets(
     handle: Handler,
     on_synced: Callable[[], None],
 ) -> None:
-    core = client.CoreV1Api(api)
-    if namespace:
-        lister: Any = core.list_namespaced_secret
-        args: tuple[Any, ...] = (namespace,)
-    else:
-        lister = core.list_secret_for_all_namespaces
-        args = ()
-    await list_then_watch("secret", lister, args, {"label_selector": selector}, handle, on_synced)
+    await _watch_core(api, "secret", namespace, selector, handle, on_synced)
