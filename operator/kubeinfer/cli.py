@@ -206,6 +206,90 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     return 0 if all(run.success for run in result.runs) else 1
 
 
+def _bench_output(args: argparse.Namespace, result: dict[str, Any], text: str) -> None:
+    """JSON or the human summary on stdout; with --plot, also a figure (the `bench` extra)."""
+    import json
+
+    sys.stdout.write(json.dumps(result, indent=2) + "\n" if args.json else text)
+    if args.plot:
+        from kubeinfer.bench.plot import PlotError, plot
+
+        try:
+            plot(result, args.plot)
+        except PlotError as exc:
+            raise CLIError(str(exc)) from None
+
+
+def _say(text: str) -> None:
+    print(f"[bench] {text}", file=sys.stderr, flush=True)
+
+
+def cmd_bench_overhead(args: argparse.Namespace) -> int:
+    from kubeinfer.bench.overhead import OverheadConfig, format_overhead, run_overhead
+
+    config = OverheadConfig(
+        rate=args.rate, duration=args.duration, body_bytes=args.body_bytes, slot=args.slot,
+        replicas=args.replicas, large_body_bytes=args.large_body_bytes, large_rate=args.large_rate,
+        large_duration=args.large_duration, stream_concurrency=args.stream_concurrency,
+        stream_tokens=args.stream_tokens, stream_interval_ms=args.stream_interval_ms,
+        stream_duration=args.stream_duration, stream_slot=args.stream_slot, warmup=args.warmup,
+        pin=args.pin, phases=tuple(args.phases.split(",")),
+    )  # fmt: skip
+    try:
+        result = asyncio.run(run_overhead(config, on_phase=lambda name: _say(f"phase {name}")))
+    except (ValueError, RuntimeError) as exc:
+        raise CLIError(str(exc)) from None
+    _bench_output(args, result, format_overhead(result))
+    return 0 if not result["errors"] else 1
+
+
+def cmd_bench_routing(args: argparse.Namespace) -> int:
+    from kubeinfer.bench.routing import RoutingConfig, format_routing, run_routing
+
+    config = RoutingConfig(
+        replicas=args.replicas, workload=args.workload, policies=tuple(args.policies.split(",")),
+        groups=args.groups, system_prompt_len=args.system_prompt_len, question_len=args.question_len,
+        max_tokens=args.max_tokens, requests=args.requests, concurrency=args.concurrency,
+        num_blocks=args.num_blocks, target_inflight=args.target_inflight,
+        tell_gateway_max_num_seqs=args.tell_max_num_seqs, max_num_seqs=args.max_num_seqs, seed=args.seed,
+        pin=args.pin,
+    )  # fmt: skip
+    try:
+        result = asyncio.run(run_routing(config, on_policy=lambda name: _say(f"policy {name}")))
+    except (ValueError, RuntimeError) as exc:
+        raise CLIError(str(exc)) from None
+    _bench_output(args, result, format_routing(result))
+    return 0 if all(p["success_rate"] == 1.0 for p in result["policies"].values()) else 1
+
+
+def cmd_bench_engines(args: argparse.Namespace) -> int:
+    from kubeinfer.bench.engines import EnginesConfig, format_engines, run_engines
+
+    config = EnginesConfig(
+        replicas=args.replicas, groups=args.groups, requests=args.requests, concurrency=args.concurrency,
+        kv_cache_bytes=args.kv_cache_bytes, seed=args.seed, sims=args.sims,
+    )  # fmt: skip
+    try:
+        result = asyncio.run(run_engines(config, on_step=_say))
+    except (ValueError, RuntimeError) as exc:
+        raise CLIError(str(exc)) from None
+    _bench_output(args, result, format_engines(result))
+    return 0
+
+
+def cmd_bench_plot(args: argparse.Namespace) -> int:
+    import json
+
+    from kubeinfer.bench.plot import PlotError, plot
+
+    try:
+        result = json.loads(Path(args.file).read_text())
+        plot(result, args.output)
+    except (OSError, ValueError, PlotError) as exc:
+        raise CLIError(f"{args.file}: {exc}") from None
+    return 0
+
+
 def cmd_sim(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -457,6 +541,72 @@ def build_parser() -> argparse.ArgumentParser:
         "--progress", action=argparse.BooleanOptionalAction, help="progress bar on stderr (default: if a TTY)"
     )
     p.set_defaults(func=cmd_bench_serve)
+
+    p = bench.add_parser(
+        "overhead", help="latency and CPU the gateway adds: direct vs through it, interleaved (one core)"
+    )
+    p.add_argument("--rate", type=float, default=500.0, help="requests/s of the small-body phase")
+    p.add_argument("--duration", type=float, default=20.0, help="seconds of the small-body phase")
+    p.add_argument("--body-bytes", type=int, default=1024)
+    p.add_argument("--slot", type=float, default=1.0, help="seconds before switching direct <-> gateway")
+    p.add_argument("--replicas", type=int, default=2, help="echo replicas behind the gateway")
+    p.add_argument("--large-body-bytes", type=int, default=200 * 1024)
+    p.add_argument("--large-rate", type=float, default=100.0)
+    p.add_argument("--large-duration", type=float, default=10.0)
+    p.add_argument("--stream-concurrency", type=int, default=256)
+    p.add_argument("--stream-tokens", type=int, default=40, help="chunks per stream")
+    p.add_argument("--stream-interval-ms", type=float, default=50.0, help="between a stream's chunks")
+    p.add_argument("--stream-duration", type=float, default=24.0)
+    p.add_argument("--stream-slot", type=float, default=6.0)
+    p.add_argument("--warmup", type=float, default=1.0, help="seconds of load per target before measuring")
+    p.add_argument("--phases", default="small,large,stream", help="comma-separated: small, large, stream")
+    p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
+                   help="gateway on the last core, the rest on the others (Linux, 2+ cores)")  # fmt: skip
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--plot", help="also write a figure (PNG or SVG; needs the bench extra)")
+    p.set_defaults(func=cmd_bench_overhead)
+
+    p = bench.add_parser("routing", help="round-robin vs least-load vs prefix-aware over simulated replicas")
+    p.add_argument("--replicas", type=int, default=8)
+    p.add_argument("--workload", choices=("shared-prefix", "no-sharing"), default="shared-prefix")
+    p.add_argument("--policies", default="round-robin,least-load,prefix-aware")
+    p.add_argument("--groups", type=int, default=32, help="shared-prefix: distinct system prompts")
+    p.add_argument("--system-prompt-len", type=int, default=2000, help="tokens")
+    p.add_argument("--question-len", type=int, default=32, help="tokens")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--requests", type=int, default=400)
+    p.add_argument("--concurrency", type=int, default=64, help="closed loop: streams in flight")
+    p.add_argument("--num-blocks", type=int, default=1024, help="each sim's KV cache, blocks of 16 tokens")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="each sim's")
+    p.add_argument(
+        "--tell-max-num-seqs", action="store_true", help="put the sims' maxNumSeqs in the static file"
+    )
+    p.add_argument("--target-inflight", type=int, help="routing.targetInflight of the gateway's model")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--plot", help="also write a figure (PNG or SVG; needs the bench extra)")
+    p.set_defaults(func=cmd_bench_routing)
+
+    p = bench.add_parser(
+        "engines", help="round-robin vs prefix-aware over real vLLM replicas on CPU, and sims"
+    )
+    p.add_argument("--replicas", type=int, default=3)
+    p.add_argument("--groups", type=int, default=12)
+    p.add_argument("--requests", type=int, default=72)
+    p.add_argument("--concurrency", type=int, default=6)
+    p.add_argument("--kv-cache-bytes", type=int, default=64 << 20, help="each vLLM's --kv-cache-memory-bytes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sims", action=argparse.BooleanOptionalAction, default=True,
+                   help="also the same workload on sims with vLLM's block size and count")  # fmt: skip
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--plot", help="also write a figure (PNG or SVG; needs the bench extra)")
+    p.set_defaults(func=cmd_bench_engines)
+
+    p = bench.add_parser("plot", help="draw a figure from a bench overhead/routing/engines --json file")
+    p.add_argument("file", help="the JSON a bench printed")
+    p.add_argument("-o", "--output", required=True, help="PNG or SVG file to write")
+    p.set_defaults(func=cmd_bench_plot)
     return parser
 
 
