@@ -396,7 +396,7 @@ class Runtime:
                 raise Unrunnable(
                     "CreateContainerError",
                     f"--quantization {quant} has GPU kernels only; vLLM on this CPU cannot load it "
-                    f"(use a GPU node, or a CPU-capable method such as awq or compressed-tensors)",
+                    "(run it on a GPU node, or pick a method vLLM supports on CPU)",
                 )
             if not self.vllm_available():
                 raise Unrunnable(
@@ -849,13 +849,18 @@ class PodWorker:
             ContainerRunner(self, c, previous.get(c["name"])) for c in spec.get("containers") or []
         ]
         ip = self.agent.ips.take(self.uid, ports, (self.pod.get("status") or {}).get("podIP"))
-        if ip is None:
+        while ip is None:  # e.g. another program listens on 0.0.0.0:<port>: retry until it is gone
             message = f"no loopback address with ports {ports} free (something else listens on 0.0.0.0?)"
             for r in self.runners:
                 r.state = {"waiting": {"reason": "CreateContainerError", "message": message}}
             await self.event("Warning", "FailedCreatePodSandBox", message)
             self.status_changed()
-            return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), BACKOFF_FIRST)
+            self.changed.clear()
+            if self.terminating or self.deleted:
+                return
+            ip = self.agent.ips.take(self.uid, ports)
         self.ip = ip
         self.dir.mkdir(parents=True, exist_ok=True)
         self.status_changed()
