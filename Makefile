@@ -100,6 +100,26 @@ bench-operator: install control-plane ## 200 models applied at once: time to eve
 	$(VENV)/bin/kubeinfer bench operator --models 200 --concurrency 50 --json
 	$(VENV)/bin/kubeinfer bench operator --models 200 --concurrency 50 --no-controllers --json
 
+# Benchmarks of the gateway (docs/benchmarks.md); JSON and figures go to BENCH_OUT (.state/ is git-ignored).
+BENCH_OUT ?= .state/bench
+BENCH_PLOTS := $(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q -e '.[bench]'
+
+.PHONY: bench-overhead
+bench-overhead: install ## latency and CPU the gateway adds (direct vs through it), JSON + figure in $(BENCH_OUT)
+	@mkdir -p $(BENCH_OUT); $(BENCH_PLOTS)
+	$(VENV)/bin/kubeinfer bench overhead --json --plot $(BENCH_OUT)/overhead.png > $(BENCH_OUT)/overhead.json
+
+.PHONY: bench-routing
+bench-routing: install ## round-robin vs least-load vs prefix-aware over 8 sims, both workloads
+	@mkdir -p $(BENCH_OUT); $(BENCH_PLOTS)
+	$(VENV)/bin/kubeinfer bench routing --workload shared-prefix --json --plot $(BENCH_OUT)/routing-shared-prefix.png > $(BENCH_OUT)/routing-shared-prefix.json
+	$(VENV)/bin/kubeinfer bench routing --workload no-sharing --json --plot $(BENCH_OUT)/routing-no-sharing.png > $(BENCH_OUT)/routing-no-sharing.json
+
+.PHONY: bench-engines
+bench-engines: install ## round-robin vs prefix-aware over 3 real vLLM-on-CPU replicas, and the same on sims (needs install-engines)
+	@mkdir -p $(BENCH_OUT); $(BENCH_PLOTS)
+	$(VENV)/bin/kubeinfer bench engines --json --plot $(BENCH_OUT)/engines.png > $(BENCH_OUT)/engines.json
+
 .PHONY: ci
 ci: ## what CI runs
 	bash .ci/run

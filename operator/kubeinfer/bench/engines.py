@@ -13,8 +13,8 @@ the real replicas' number of KV blocks.
 Prompt length: the gateway's prefix-aware key is the prompt's first 2048 characters
 (`gateway.routing.prefix_key`), so two prompts that share a shorter head still hash apart. The tiny
 model's tokenizer is byte-level (one character, one token), so a shared prefix that the router can see
-needs more than 2048 tokens: the replicas run with `--max-model-len 4096` (beyond the model's 2048
-trained positions, allowed with VLLM_ALLOW_LONG_MAX_MODEL_LEN=1; the weights are random anyway).
+needs more than 2048 tokens: the replicas run with `--max-model-len 4096` and `--hf-overrides` raising
+the model's `max_position_embeddings` from 2048 to match (the weights are random anyway).
 Prompts are made per engine in its own token unit (characters for vLLM, words for the simulator), so
 both see the same number of tokens per prefix and question.
 """
@@ -22,6 +22,7 @@ both see the same number of tokens per prefix and question.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import re
@@ -34,7 +35,7 @@ import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import Any, Literal
 
 from kubeinfer.bench import fleet
 from kubeinfer.bench.datasets import WORDS, Prompt
@@ -137,13 +138,18 @@ def vllm_argv(model_dir: str, host: str, port: int, config: EnginesConfig) -> li
         "--served-model-name", MODEL, "--host", host, "--port", str(port), "--dtype", "float32",
         "--kv-cache-memory-bytes", str(config.kv_cache_bytes), "--enable-prefix-caching",
         "--max-model-len", str(config.max_model_len), "--max-num-seqs", str(config.max_num_seqs),
+        # Rotary-embedding tables are sized by the model's trained positions (2048): longer prompts
+        # would index past them, so the model is told it has max_model_len positions.
+        "--hf-overrides", json.dumps({"max_position_embeddings": config.max_model_len}),
+        # No torch.compile: startup in seconds instead of minutes, and this benchmark is about caches.
+        "--optimization-level", "0",
     ]  # fmt: skip
 
 
 def vllm_env() -> dict[str, str]:
     env = {
         **os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
-        "DO_NOT_TRACK": "1", "VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1",
+        "DO_NOT_TRACK": "1",
     }  # fmt: skip
     # On CPU this legacy variable (GiB) silently overrides --kv-cache-memory-bytes (tests/engine).
     env.pop("VLLM_CPU_KVCACHE_SPACE", None)
@@ -262,21 +268,24 @@ async def run_engines(
     *,
     model_dir: Path | None = None,
     on_step: Callable[[str], None] | None = None,
-    log: IO[str] | None = None,
+    log_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Start the vLLM replicas, run each policy through a gateway, then the simulators; the result."""
+    """Start the vLLM replicas, run each policy through a gateway, then the simulators; the result.
+    The replicas' logs go to `log_dir` when given (kept), else to a temporary directory."""
     config.validate()
     say = on_step or (lambda _: None)
     result: dict[str, Any] = {"config": asdict(config), "load_average_before": _load_average()}
     with tempfile.TemporaryDirectory(prefix="kubeinfer-bench-engines-") as tmp:
         work = Path(tmp)
+        logs = Path(log_dir) if log_dir else work
+        logs.mkdir(parents=True, exist_ok=True)
         if model_dir is None:
             from kubeinfer.engines.tinymodels import make_tiny_hf_llama
 
             model_dir = make_tiny_hf_llama(work / "tiny-llama-hf", seed=0)
         say("starting vLLM replicas")
         t0 = time.monotonic()
-        with vllm_replicas(config, work, model_dir) as replicas:
+        with vllm_replicas(config, logs, model_dir) as replicas:
             result["startup_s"] = time.monotonic() - t0
             urls = [r.url for r in replicas]
             blocks = num_blocks(_get(f"{urls[0]}/metrics"))
