@@ -5,8 +5,8 @@
 
   tiny-gguf   two llama-servers, least-load        tiny-vllm   the vLLM server
   flaky       two fresh llama-servers, one killed  ledger      one llama-server, its own ledger row
-  narrow      targetInflight 1, maxQueue 1 (429)   empty       no replica at all (503)
-  gone        a replica nothing listens on (502)
+  narrow      a stalled replica, targetInflight 1,   empty       no replica at all (503)
+              maxQueue 1 (429)                     gone        a replica nothing listens on (502)
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -50,6 +51,55 @@ def _closed_port() -> int:
         return int(s.getsockname()[1])  # closed again when the block ends: nothing listens there
 
 
+class StalledReplica:
+    """A replica that takes requests and answers none until `release()`: a deterministically busy
+    replica for the queue test (a tiny real model answers faster than any sleep could hold it)."""
+
+    ANSWER = json.dumps({"object": "chat.completion", "choices": [], "usage": {"prompt_tokens": 1,
+                         "completion_tokens": 1}}).encode()  # fmt: skip
+
+    def __init__(self) -> None:
+        self._sock = socket.create_server((GATEWAY_HOST, 0))
+        self.address = f"{GATEWAY_HOST}:{self._sock.getsockname()[1]}"
+        self.received = 0
+        self._release = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            head, _, body = data.partition(b"\r\n\r\n")
+            if not head.startswith(b"POST"):  # /metrics scrapes: nothing to report
+                conn.sendall(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                return
+            length = next(
+                int(h.split(b":")[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")
+            )
+            while len(body) < length:
+                body += conn.recv(65536)
+            self.received += 1
+            self._release.wait(120)
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                         b"content-length: %d\r\n\r\n%s" % (len(self.ANSWER), self.ANSWER))  # fmt: skip
+
+    def release(self) -> None:
+        self._release.set()
+
+    def close(self) -> None:
+        self._release.set()
+        self._sock.close()
+
+
 @dataclass
 class Gateway:
     url: str
@@ -57,6 +107,7 @@ class Gateway:
     log: Path
     replicas: dict[str, list[str]]  # model -> replica base URLs
     flaky_pids: dict[str, int]
+    stalled: StalledReplica
 
     def openai(self, **kw: Any) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=120, **kw)
@@ -79,10 +130,18 @@ def _pid_listening(host: str, port: int) -> int:
 
 @pytest.fixture(scope="module")
 def gateway(
-    llama_servers: Callable[..., list[str]], vllm_server: Any, tmp_path_factory: pytest.TempPathFactory
+    llama_servers: Callable[..., list[str]],
+    vllm_server: Any,
+    tiny_gguf: Path,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Gateway]:
     gguf = llama_servers(2)
-    flaky = llama_servers(2)
+    # Long slots (4096 tokens each), so a stream is still running when its replica is killed.
+    long_slots = ["--metrics", "-c", "16384", "-np", "4"]
+    flaky = llama_servers(
+        2, argv=lambda host, port: ["-m", str(tiny_gguf), "--host", host, "--port", str(port), *long_slots]
+    )
+    stalled = StalledReplica()
     (ledger,) = llama_servers(1)
     vllm_url = vllm_server.base_url
     models = [
@@ -93,7 +152,7 @@ def gateway(
         {"name": "flaky", "engine": "llama-server", "endpoints": [_addr(u) for u in flaky],
          "routing": {"strategy": "round-robin"}},
         {"name": "ledger", "engine": "llama-server", "endpoints": [_addr(ledger)]},
-        {"name": "narrow", "engine": "llama-server", "endpoints": [_addr(ledger)],
+        {"name": "narrow", "engine": "llama-server", "endpoints": [stalled.address],
          "routing": {"targetInflight": 1, "maxQueue": 1, "queueTimeout": "60s"}},
         {"name": "empty", "engine": "llama-server", "endpoints": [], "routing": {"queueTimeout": "1s"}},
         {"name": "gone", "engine": "llama-server", "endpoints": [f"{GATEWAY_HOST}:{_closed_port()}"]},
@@ -125,10 +184,11 @@ def gateway(
             pytest.fail(f"gateway did not start:\n{log.read_text()[-3000:]}", pytrace=False)
         time.sleep(0.1)
     flaky_pids = {u: _pid_listening(urlsplit(u).hostname or "", urlsplit(u).port or 0) for u in flaky}
-    gw = Gateway(url, proc, log, {"tiny-gguf": gguf, "flaky": flaky, "ledger": [ledger]}, flaky_pids)
+    gw = Gateway(url, proc, log, {"tiny-gguf": gguf, "flaky": flaky, "ledger": [ledger]}, flaky_pids, stalled)
     try:
         yield gw
     finally:
+        stalled.close()
         proc.terminate()
         try:
             proc.wait(timeout=10)
@@ -263,20 +323,19 @@ def test_no_replica_is_503_and_dead_replica_is_502(gateway: Gateway) -> None:
 
 async def test_full_queue_is_429_with_retry_after(gateway: Gateway) -> None:
     """`narrow` takes one request at a time and queues one more: a third concurrent one gets 429."""
-    body = {
-        "model": "narrow",
-        "messages": [{"role": "user", "content": "x"}],
-        "max_tokens": 200,
-        **IGNORE_EOS,
-    }
+    body = {"model": "narrow", "messages": [{"role": "user", "content": "x"}], "max_tokens": 4}
+    stalled = gateway.stalled
     async with httpx.AsyncClient(base_url=f"{gateway.url}/v1", timeout=120) as http:
         first = asyncio.create_task(http.post("/chat/completions", json=body))
-        await asyncio.sleep(0.3)
+        while stalled.received < 1:  # the replica holds it
+            await asyncio.sleep(0.02)
         second = asyncio.create_task(http.post("/chat/completions", json=body))
         await asyncio.sleep(0.3)
+        assert stalled.received == 1  # the second waits in the gateway's queue, not at the replica
         third = await http.post("/chat/completions", json=body)
         assert third.status_code == 429, third.text
         assert third.json()["error"]["code"] == "queue_full" and int(third.headers["retry-after"]) >= 1
+        stalled.release()
         done = await asyncio.gather(first, second)
     assert [r.status_code for r in done] == [200, 200]
     assert float(done[1].headers["x-kubeinfer-queue-wait-ms"]) > 50  # it waited for the first
@@ -325,7 +384,7 @@ async def test_engine_metrics_are_scraped_under_load(gateway: Gateway) -> None:
 
 
 async def test_routing_spreads_load_over_replicas(gateway: Gateway) -> None:
-    results = await _fire(gateway, "tiny-gguf", 16, 40)
+    results = await _fire(gateway, "tiny-gguf", 16, 300)  # long enough to overlap
     assert all(r.status_code == 200 for r in results)
     per_replica = Counter(r.headers["x-kubeinfer-replica"] for r in results)
     assert len(per_replica) == 2 and min(per_replica.values()) >= 5, per_replica
@@ -339,7 +398,7 @@ async def test_killed_replica_costs_no_plain_request_and_ends_streams_with_an_er
     body = {"model": "flaky", "messages": [{"role": "user", "content": "Go on."}], **IGNORE_EOS}
     async with httpx.AsyncClient(base_url=f"{gateway.url}/v1", timeout=300) as http:
         # Round-robin: of two streams started in a row, one is on each replica.
-        streams = [http.stream("POST", "/chat/completions", json={**body, "max_tokens": 400, "stream": True})
+        streams = [http.stream("POST", "/chat/completions", json={**body, "max_tokens": 4000, "stream": True})
                    for _ in range(2)]  # fmt: skip
         opened = [await s.__aenter__() for s in streams]
         on_victim = [r for r in opened if r.headers["x-kubeinfer-replica"] == "flaky-0"]
