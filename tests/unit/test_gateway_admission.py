@@ -124,3 +124,29 @@ async def test_busy_replicas_time_out_as_queue_timeout():
     codes = sorted(r.status_code for r in responses)
     assert codes == [200, 503]
     assert next(r for r in responses if r.status_code == 503).json()["error"]["code"] == "queue_timeout"
+
+
+async def test_retry_waits_for_a_busy_survivor_instead_of_failing():
+    """Two replicas, one dead, targetInflight 1: a request bounced off the dead one waits for the
+    survivor's slot (within its deadline) rather than answering 502."""
+    reg = Registry()
+    reg.set_model(
+        ModelEntry(
+            name="m", served_name="m", routing=Routing(targetInflight=1, maxQueue=10, queueTimeout="5s")
+        ),
+        [Endpoint(id="dead", address="10.0.0.9:8000", model="m"),
+         Endpoint(id="live", address="10.0.0.1:8000", model="m")],
+    )  # fmt: skip
+
+    async def engine(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "10.0.0.9":
+            raise httpx.ConnectError("refused", request=request)
+        if request.url.path == "/metrics":
+            return httpx.Response(404)
+        await asyncio.sleep(0.1)
+        return httpx.Response(200, json={"object": "chat.completion", "choices": []})
+
+    app = create_app(reg, GatewaySettings(scrape_interval=3600), transport=httpx.MockTransport(engine))
+    responses = await _post_many(app, 4)
+    assert [r.status_code for r in responses] == [200] * 4, [r.text for r in responses]
+    assert {r.headers["x-kubeinfer-replica"] for r in responses} == {"live"}

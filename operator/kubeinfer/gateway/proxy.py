@@ -120,6 +120,30 @@ def _try_pick(state: State, entry: ModelEntry, route: RouteRequest, tried: froze
     return next(e for e in endpoints if e.id == decision.endpoint_id)
 
 
+async def _wait_for_another(
+    state: State,
+    entry: ModelEntry,
+    route: RouteRequest,
+    queue: ModelQueue[Endpoint],
+    tried: frozenset[str],
+    remaining: float,
+) -> Endpoint | None:
+    """A retry when every replica not yet tried is at its in-flight target: wait in the model's queue
+    for one of them within the request's deadline (past maxQueue: the request was admitted once)."""
+
+    def untried() -> bool:
+        return any(e.id not in tried for e in state.registry.ready_endpoints(entry.name))
+
+    if remaining <= 0 or not untried():
+        return None
+    try:
+        return await queue.admit(
+            lambda: _try_pick(state, entry, route, tried), untried, queue.waiting + 1, remaining
+        )
+    except (QueueFull, QueueTimeout):
+        return None
+
+
 @dataclass
 class Trace:
     """One proxied request, for metrics and the access log."""
@@ -243,8 +267,13 @@ async def _forward(
             queue_wait = time.monotonic() - arrived
             state.queue_wait.labels(entry.name).observe(queue_wait)
         else:
-            # Retries go to another replica now or not at all: the client is already waiting.
+            # Retries go to another replica. If all the others are at their in-flight target, wait
+            # for one in the queue (within the request's deadline, past maxQueue: it was admitted).
             retry = _try_pick(state, entry, route, tried)
+            if retry is None:
+                retry = await _wait_for_another(
+                    state, entry, route, queue, tried, timeout - (time.monotonic() - arrived)
+                )
             if retry is None:
                 break
             endpoint = retry
