@@ -70,7 +70,7 @@ test-e2e: install control-plane llama-server ## the whole local stack: apply -> 
 	$(PY) -m pytest -q -m e2e
 
 .PHONY: test-all
-test-all: install control-plane llama-server ## every tier: unit, vLLM parser, k8s, engine, e2e
+test-all: install-engines control-plane llama-server ## every tier: unit, vLLM parser, k8s, engine, e2e (set WHEELS=dir)
 	$(PY) -m pytest -q
 
 # The tiny GGUF model is generated locally with the `gguf` package (part of the engines extra).
