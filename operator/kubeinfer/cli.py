@@ -252,7 +252,7 @@ def cmd_bench_routing(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens, requests=args.requests, concurrency=args.concurrency,
         num_blocks=args.num_blocks, target_inflight=args.target_inflight,
         tell_gateway_max_num_seqs=args.tell_max_num_seqs, max_num_seqs=args.max_num_seqs, seed=args.seed,
-        pin=args.pin,
+        pin=args.pin, scrape_interval=args.scrape_interval,
     )  # fmt: skip
     try:
         result = asyncio.run(run_routing(config, on_policy=lambda name: _say(f"policy {name}")))
@@ -268,6 +268,7 @@ def cmd_bench_engines(args: argparse.Namespace) -> int:
     config = EnginesConfig(
         replicas=args.replicas, groups=args.groups, requests=args.requests, concurrency=args.concurrency,
         kv_cache_bytes=args.kv_cache_bytes, seed=args.seed, sims=args.sims,
+        tell_gateway_max_num_seqs=args.tell_max_num_seqs,
     )  # fmt: skip
     try:
         result = asyncio.run(run_engines(config, on_step=_say))
@@ -582,6 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tell-max-num-seqs", action="store_true", help="put the sims' maxNumSeqs in the static file"
     )
     p.add_argument("--target-inflight", type=int, help="routing.targetInflight of the gateway's model")
+    p.add_argument("--scrape-interval", type=float, default=1.0, help="the gateway's, seconds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--json", action="store_true")
@@ -599,6 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sims", action=argparse.BooleanOptionalAction, default=True,
                    help="also the same workload on sims with vLLM's block size and count")  # fmt: skip
+    p.add_argument("--tell-max-num-seqs", action="store_true", help="put maxNumSeqs (8) in the static file")
     p.add_argument("--json", action="store_true")
     p.add_argument("--plot", help="also write a figure (PNG or SVG; needs the bench extra)")
     p.set_defaults(func=cmd_bench_engines)

@@ -52,6 +52,7 @@ def test_placement_counts_requests_groups_and_split_groups():
     assert p["groups_per_replica"] == {"a": 1, "b": 2, "c": 1}
     assert p["groups_on_several_replicas"] == 1  # group 0 on a and b
     assert p["replicas_per_group_mean"] == pytest.approx(4 / 3)
+    assert p["requests_off_home"] == pytest.approx(1 / 5)  # group 0's request on b
     assert placement([])["imbalance"] is None
 
 

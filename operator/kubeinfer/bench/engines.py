@@ -66,6 +66,10 @@ class EnginesConfig:
     every replica, more than the ~4 prefix-aware sends each."""
     max_model_len: int = 4096
     max_num_seqs: int = 8
+    tell_gateway_max_num_seqs: bool = False
+    """Put maxNumSeqs in the static file: the gateway's targetInflight becomes 8 and its prefix-aware
+    spill floor 4 requests, so at this concurrency hash imbalance spills groups (docs/benchmarks.md);
+    without, the gateway assumes 32."""
     seed: int = 0
     sims: bool = True
     startup_timeout: float = 420.0
@@ -232,7 +236,13 @@ async def _policy_run(
     policy: str, urls: Sequence[str], prompts: Sequence[Prompt], config: EnginesConfig, workdir: str
 ) -> dict[str, Any]:
     addresses = [u.removeprefix("http://") for u in urls]
-    static = fleet.static_config(MODEL, addresses, policy, max_num_seqs=config.max_num_seqs, max_queue=100000)
+    static = fleet.static_config(
+        MODEL,
+        addresses,
+        policy,
+        max_num_seqs=config.max_num_seqs if config.tell_gateway_max_num_seqs else None,
+        max_queue=100000,
+    )
     before = [parse_metrics(_get(f"{u}/metrics")) for u in urls]
     gateway = fleet.start_gateway(static, workdir)
     try:

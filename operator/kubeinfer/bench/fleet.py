@@ -164,7 +164,7 @@ async def _serve(kind: str, count: int, options: dict[str, Any]) -> None:
         sock.bind(("127.0.0.1", 0))
         config = uvicorn.Config(
             app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=1,
-            backlog=4096,
+            backlog=4096, timeout_keep_alive=300,  # idle through the other target's slots
         )  # fmt: skip
         server = _Server(config)
         servers.append(server)

@@ -14,11 +14,11 @@ API
 `async def run_load(config, *, prompts=None, transport=None, on_progress=None) -> RunResult`
     One run: `config.warmup` requests (closed loop, figures discard them), then `config.iterations`
     measured ones. `prompts` replaces the configured dataset (a sequence of `datasets.Prompt`, used
-    in order and wrapped around; warm-up takes the first ones); `transport` is handed to
-    `httpx.AsyncClient` (e.g. `httpx.ASGITransport` for an app in the same process: it buffers whole
-    responses, so TTFT is the latency and ITL 0 there); `on_progress(done, total)` is called after each
-    measured request. Connections are pooled and kept alive, spread over a few `httpx.AsyncClient`s of
-    at most 8 connections each (see `run_load` for why), as many connections as requests in flight.
+    in order and wrapped around; warm-up takes the first ones); `on_progress(done, total)` is called
+    after each measured request. Requests go out with aiohttp, one keep-alive connection per request in
+    flight. `transport`, an httpx transport, replaces the network (e.g. `httpx.ASGITransport` for an
+    app in the same process: it buffers whole responses, so TTFT is the latency and ITL 0 there, or
+    `httpx.MockTransport`); the requests then go through an `httpx.AsyncClient` instead.
 
 `async def run_repeats(config, repeat, ...) -> BenchResult`
     `repeat` runs, run i with seed `config.seed + i` (fresh prompts and arrivals, so a prefix cache
@@ -43,7 +43,7 @@ each request body, e.g. {"temperature": 0}), `headers` (sent with each request),
 
 Measurement
 -----------
-The clock is `time.perf_counter`; a request's time starts when it is handed to httpx (its body is
+The clock is `time.perf_counter`; a request's time starts when it is handed to the client (its body is
 serialized beforehand) and ends when its response has been read to the end. TTFT is the time to the
 first chunk carrying content (text, reasoning or tool-call arguments; vLLM's empty role chunk does not
 count); ITL are the gaps between consecutive content chunks, pooled over all requests; chunks read
@@ -54,7 +54,7 @@ there is no ITL. Output tokens come from the response's `usage` (streams ask for
 SSE is split into lines as bytes arrive and each `data:` payload is searched with two regular
 expressions (content? a usage object or an error?); JSON is parsed for the usage chunk and error
 events only. Measured on a vLLM chunk: about half the cost of splitting and `json.loads` per chunk,
-and a small part of what httpx spends per chunk (docs/benchmarks.md has the numbers).
+and a small part of what the HTTP client spends per chunk (docs/benchmarks.md has the numbers).
 
 Error types: `http_<status>` (plus `:<code>` when the OpenAI error body has a `code` other than the
 status), `stream_error[:<code>]` (an error event inside a 200 stream), `timeout`, `connection_error`
@@ -66,15 +66,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
 import random
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
+import aiohttp
 import httpx
 
 from kubeinfer.bench import datasets, stats
@@ -83,8 +83,6 @@ from kubeinfer.bench.datasets import Prompt
 Endpoint = Literal["chat", "completions"]
 Dataset = Literal["synthetic", "shared-prefix", "file"]
 ENDPOINT_PATHS: dict[str, str] = {"chat": "/chat/completions", "completions": "/completions"}
-CONNECTIONS_PER_CLIENT = 8  # see run_load
-UNCAPPED_IN_FLIGHT = 64  # an open loop without --concurrency: only sizes the client shards
 
 
 @dataclass(frozen=True)
@@ -418,10 +416,46 @@ async def _send(
     return rec
 
 
-def _capture(config: LoadConfig, resp: httpx.Response, rec: RequestRecord) -> None:
-    for name in config.capture_headers:
-        if name in resp.headers:
-            rec.headers[name] = resp.headers[name]
+async def _send_aiohttp(
+    session: aiohttp.ClientSession, config: LoadConfig, url: str, body: bytes, headers: dict[str, str],
+    index: int,
+) -> RequestRecord:  # fmt: skip
+    """`_send` with aiohttp: the same record, the same error types."""
+    start = time.perf_counter()
+    rec = RequestRecord(index=index, start=start, latency=0.0)
+    sse: _Stream | None = None
+    try:
+        async with asyncio.timeout(config.timeout), session.post(url, data=body, headers=headers) as resp:
+            _capture(config, resp.headers, rec)
+            if resp.status >= 300 or not config.stream:
+                raw = await resp.read()
+                rec.latency = time.perf_counter() - start
+                rec.ttft = rec.latency
+                _parse_plain(rec, resp.status, raw)
+            else:
+                sse = _Stream()
+                perf_counter = time.perf_counter
+                async for data in resp.content.iter_any():  # to the very end: the connection is reused
+                    sse.feed(data, perf_counter())
+        if sse is not None:
+            _end_stream(rec, sse, start)
+    except TimeoutError:
+        rec.error = "timeout"
+    except (aiohttp.ClientConnectorError, aiohttp.InvalidURL):
+        rec.error = "connection_error"
+    except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+        rec.error = "connection_lost"  # the server closed or broke the connection mid-response
+    except aiohttp.ClientError:  # a malformed status line or headers
+        rec.error = "invalid_response"
+    if not rec.latency:
+        rec.latency = time.perf_counter() - start
+    return rec
+
+
+def _capture(config: LoadConfig, headers: Mapping[str, str], rec: RequestRecord) -> None:
+    for name in config.capture_headers:  # both clients' header maps are case-insensitive
+        if name in headers:
+            rec.headers[name] = headers[name]
 
 
 async def _streamed(
@@ -434,7 +468,7 @@ async def _streamed(
     start: float,
 ) -> None:
     async with client.stream("POST", url, content=body, headers=headers) as resp:
-        _capture(config, resp, rec)
+        _capture(config, resp.headers, rec)
         if resp.status_code >= 300:
             rec.error = _http_error(resp.status_code, await resp.aread())
             return
@@ -443,6 +477,11 @@ async def _streamed(
         # Read to the very end (not just to [DONE]) so the connection goes back to the pool.
         async for data in resp.aiter_bytes():
             sse.feed(data, perf_counter())
+    _end_stream(rec, sse, start)
+
+
+def _end_stream(rec: RequestRecord, sse: _Stream, start: float) -> None:
+    """A stream read to its end: latency, TTFT, ITL, tokens, or the error event it carried."""
     end = time.perf_counter()
     sse.close(end)
     rec.latency = end - start
@@ -470,19 +509,24 @@ async def _plain(
     resp = await client.post(url, content=body, headers=headers)
     rec.latency = time.perf_counter() - start
     rec.ttft = rec.latency
-    _capture(config, resp, rec)
-    if resp.status_code >= 300:
-        rec.error = _http_error(resp.status_code, resp.content)
+    _capture(config, resp.headers, rec)
+    _parse_plain(rec, resp.status_code, resp.content)
+
+
+def _parse_plain(rec: RequestRecord, status: int, raw: bytes) -> None:
+    """A whole (non-streamed) answer: its error type, or its output tokens."""
+    if status >= 300:
+        rec.error = _http_error(status, raw)
         return
     try:
-        obj = json.loads(resp.content)
+        obj = json.loads(raw)
     except ValueError:
         obj = None
     if not isinstance(obj, dict):
         rec.error = "invalid_response"
         return
     if obj.get("error"):
-        rec.error = _error_type(f"http_{resp.status_code}", obj, resp.status_code)
+        rec.error = _error_type(f"http_{status}", obj, status)
         return
     usage = obj.get("usage")
     if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
@@ -497,22 +541,25 @@ async def _plain(
     rec.output_tokens, rec.tokens_from = len(text.split()) if isinstance(text, str) else 0, "words"
 
 
+Sender = Callable[[bytes, int], Awaitable[RequestRecord]]
+"""Sends one request body (with its index) and measures it: `_send` or `_send_aiohttp` on a client."""
+
+
 async def _phase(
-    clients: Sequence[httpx.AsyncClient],
-    config: LoadConfig,
+    clients: Sequence[Sender],
     bodies: Sequence[bytes],
     rate: float | None,
     concurrency: int | None,
     on_progress: Callable[[int, int], None] | None,
+    seed: int,
 ) -> tuple[float, list[RequestRecord]]:
-    url, headers = config.endpoint_url, _headers(config)
     n = len(bodies)
     records: list[RequestRecord | None] = [None] * n
     done = 0
 
-    async def one(i: int, client: httpx.AsyncClient) -> None:
+    async def one(i: int, send: Sender) -> None:
         nonlocal done
-        records[i] = await _send(client, config, url, bodies[i], headers, i)
+        records[i] = await send(bodies[i], i)
         done += 1
         if on_progress:
             on_progress(done, n)
@@ -521,9 +568,9 @@ async def _phase(
     if rate is None:
         indexes = iter(range(n))
 
-        async def worker(client: httpx.AsyncClient) -> None:
+        async def worker(send: Sender) -> None:
             for i in indexes:  # shared: each worker takes the next request when it is free
-                await one(i, client)
+                await one(i, send)
 
         workers = min(concurrency or 1, n)
         await asyncio.gather(*(worker(clients[w % len(clients)]) for w in range(workers)))
@@ -539,7 +586,7 @@ async def _phase(
                     await one(i, client)
 
         tasks = []
-        for i, at in enumerate(arrival_times(n, rate, config.seed)):
+        for i, at in enumerate(arrival_times(n, rate, seed)):
             delay = t0 + at - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
@@ -564,36 +611,60 @@ async def run_load(
     n = config.warmup + config.iterations
     chosen = datasets.cycle(prompts, n) if prompts else build_prompts(config, n)
     bodies = [request_body(config, p) for p in chosen]
-    # httpx's pool scans all its connections for every request (encode/httpx#3215): at concurrency 64,
-    # one client cost 11-13 ms of CPU per 16-token stream, eight clients of 8 connections 4-5 ms. So the
-    # connections are spread over clients of at most CONNECTIONS_PER_CLIENT; an injected transport owns
-    # its pool: one client then.
-    closed = config.rate is None
-    in_flight = config.concurrency or (1 if closed else UNCAPPED_IN_FLIGHT)
-    shards = 1 if transport is not None else math.ceil(in_flight / CONNECTIONS_PER_CLIENT)
-    per_client = math.ceil(in_flight / shards)
-    # Closed loop: worker w always uses client w % shards, so no client has more than per_client
-    # requests in flight. Open loop: request i uses client i % shards, and arrivals need not balance,
-    # so no client limit there (the semaphore, if any, caps the total).
-    cap = per_client if closed else None
-    limits = httpx.Limits(max_connections=cap, max_keepalive_connections=cap)
+    url, headers = config.endpoint_url, _headers(config)
     async with contextlib.AsyncExitStack() as stack:
-        clients = [
-            await stack.enter_async_context(
-                # trust_env=False: a proxy from the environment would be measured along with the endpoint.
-                httpx.AsyncClient(
-                    transport=transport, limits=limits, timeout=httpx.Timeout(config.timeout), trust_env=False
-                )
-            )
-            for _ in range(shards)
-        ]
+        if transport is None:
+            clients = [await _aiohttp_sender(stack, config, url, headers)]
+        else:
+            clients = [await _httpx_sender(stack, config, url, headers, transport)]
         if config.warmup:
             warm = min(config.concurrency or 1, config.warmup)
-            await _phase(clients, config, bodies[: config.warmup], None, warm, None)
+            await _phase(clients, bodies[: config.warmup], None, warm, None, config.seed)
         duration, records = await _phase(
-            clients, config, bodies[config.warmup :], config.rate, config.concurrency, on_progress
+            clients, bodies[config.warmup :], config.rate, config.concurrency, on_progress, config.seed
         )
     return RunResult.from_records(config, duration, records)
+
+
+async def _aiohttp_sender(
+    stack: contextlib.AsyncExitStack, config: LoadConfig, url: str, headers: dict[str, str]
+) -> Sender:
+    """The client of real endpoints: one aiohttp session, keep-alive, a connection per request in
+    flight. Against a replica that answers at once, httpx cost 2.9 ms of CPU per request (3.6 ms per
+    16-token stream, after spreading its connections over clients of 8 for encode/httpx#3215) where
+    aiohttp cost 0.4 (0.6 ms): docs/benchmarks.md."""
+    session = await stack.enter_async_context(
+        aiohttp.ClientSession(
+            # No pool limit: the loop's own concurrency bounds the connections.
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+            timeout=aiohttp.ClientTimeout(total=None),  # asyncio.timeout(config.timeout) in _send_aiohttp
+            trust_env=False,  # a proxy from the environment would be measured along with the endpoint
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+    )
+
+    def send(body: bytes, index: int) -> Awaitable[RequestRecord]:
+        return _send_aiohttp(session, config, url, body, headers, index)
+
+    return send
+
+
+async def _httpx_sender(
+    stack: contextlib.AsyncExitStack,
+    config: LoadConfig,
+    url: str,
+    headers: dict[str, str],
+    transport: httpx.AsyncBaseTransport,
+) -> Sender:
+    """An injected httpx transport (an app in this process, a mock), which owns its pool."""
+    client = await stack.enter_async_context(
+        httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(config.timeout), trust_env=False)
+    )
+
+    def send(body: bytes, index: int) -> Awaitable[RequestRecord]:
+        return _send(client, config, url, body, headers, index)
+
+    return send
 
 
 async def run_repeats(

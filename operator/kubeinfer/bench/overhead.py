@@ -241,7 +241,9 @@ class _Targets:
     async def __aenter__(self) -> _Targets:
         for name in ("direct", "gateway"):
             self.sessions[name] = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
+                # Below uvicorn's 5 s keep-alive (the gateway's): the client closes an idle connection
+                # first, so a request never races the server's close (ServerDisconnectedError).
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=3),
                 timeout=aiohttp.ClientTimeout(total=120),
                 skip_auto_headers=("User-Agent",),
                 cookie_jar=aiohttp.DummyCookieJar(),

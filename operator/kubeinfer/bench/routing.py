@@ -57,6 +57,8 @@ class RoutingConfig:
     tell_gateway_max_num_seqs: bool = False
     target_inflight: int | None = None
     """routing.targetInflight of the gateway's model (None: maxNumSeqs if told, else 32)."""
+    scrape_interval: float = 1.0
+    """The gateway's --scrape-interval (seconds between /metrics scrapes of every replica)."""
     sim_options: Mapping[str, Any] | None = None
     """More `kubeinfer sim` options for every replica (Python names)."""
     seed: int = 0
@@ -112,11 +114,19 @@ def placement(records: Sequence[tuple[str | None, int | None]]) -> dict[str, Any
             groups_of[replica].add(group)
             replicas_of[group].add(replica)
     mean = sum(per_replica.values()) / len(per_replica) if per_replica else 0
+    # A group's home is the replica that served most of it; requests elsewhere spilled (or were spread).
+    per_group: dict[int, Counter[str]] = defaultdict(Counter)
+    for replica, group in records:
+        if replica is not None and group is not None:
+            per_group[group][replica] += 1
+    away = sum(sum(c.values()) - max(c.values()) for c in per_group.values())
+    grouped = sum(sum(c.values()) for c in per_group.values())
     return {
         "requests_per_replica": dict(sorted(per_replica.items())),
         "imbalance": max(per_replica.values()) / mean if mean else None,
         "groups_per_replica": {r: len(g) for r, g in sorted(groups_of.items())},
         "groups_on_several_replicas": sum(1 for rs in replicas_of.values() if len(rs) > 1),
+        "requests_off_home": away / grouped if grouped else None,
         "replicas_per_group_mean": (
             sum(len(rs) for rs in replicas_of.values()) / len(replicas_of) if replicas_of else None
         ),
@@ -210,7 +220,9 @@ async def _one_policy(
             max_num_seqs=config.max_num_seqs if config.tell_gateway_max_num_seqs else None,
             target_inflight=config.target_inflight, max_queue=100000,
         )  # fmt: skip
-        gateway = fleet.start_gateway(static, workdir, cores=gateway_cores)
+        gateway = fleet.start_gateway(
+            static, workdir, cores=gateway_cores, scrape_interval=config.scrape_interval
+        )
         try:
             load = LoadConfig(
                 url=gateway.url, model=MODEL, iterations=len(prompts), concurrency=config.concurrency,
