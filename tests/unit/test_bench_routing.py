@@ -164,3 +164,33 @@ def test_cli_routing_smoke(capsys, tmp_path):
     assert out["policies"]["prefix-aware"]["groups_on_several_replicas"] == 0
     assert {"ttft_reduction_vs_rr", "throughput_gain_vs_rr"} <= out["comparison"]["prefix-aware"].keys()
     assert figure.read_text().startswith("<?xml")
+
+
+def _engines_result() -> dict[str, object]:
+    run = {"hit_rate": 0.4, "mean_ttft_ms": 500.0, "p90_ttft_ms": 900.0, "output_tok_s": 30.0,
+           "success_rate": 1.0, "groups_on_several_replicas": 3}  # fmt: skip
+    return {
+        "config": {"replicas": 3}, "startup_s": 60.0, "vllm_num_blocks": 128, "load_average_before": [1.0],
+        "load_average_after": [2.0], "vllm": {"round-robin": run, "prefix-aware": {**run, "hit_rate": 0.7}},
+        "sim": {"round-robin": run, "prefix-aware": run},
+    }  # fmt: skip
+
+
+def test_engines_table_and_every_plot_kind(tmp_path):
+    text = engines.format_engines(_engines_result())
+    assert "vllm   prefix-aware       70.0%" in text and "128 KV blocks" in text
+    pytest.importorskip("matplotlib")
+    dist = {"p50": 1.0, "p90": 2.0, "p99": 3.0, "mean": 1.5}
+    phase = {"direct": {"latency_ms": dist, "itl_ms": dist}, "gateway": {"latency_ms": dist, "itl_ms": dist},
+             "body_bytes": 1024, "rate": 500.0}  # fmt: skip
+    policy = {"mean_ttft_ms": 1.0, "p90_ttft_ms": 2.0, "output_tok_s": 3.0, "prefix_cache_hit_rate": None}
+    results = {
+        "overhead": {"small": phase, "stream": {**phase, "rate": None}, "load_average_before": [1.0]},
+        "routing": {"policies": {"round-robin": policy}, "comparison": {},
+                    "config": {"workload": "no-sharing", "replicas": 2, "groups": 2, "concurrency": 2}},
+        "engines": _engines_result(),
+    }  # fmt: skip
+    for name, result in results.items():
+        out = tmp_path / f"{name}.png"
+        plot.plot(result, str(out))
+        assert out.read_bytes().startswith(b"\x89PNG")

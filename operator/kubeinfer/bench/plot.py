@@ -63,7 +63,7 @@ def _overhead(plt: Any, result: dict[str, Any]) -> Any:
         _bars(
             ax, qs, {t: [p[t][key][q] for q in qs] for t in ("direct", "gateway")},
             f"{name}: {'inter-chunk' if name == 'stream' else 'latency'} ({p['body_bytes']} B bodies"
-            + (f", {p['rate']:g}/s)" if "rate" in p else ")"), "ms",
+            + (f", {p['rate']:g}/s)" if p.get("rate") else ")"), "ms",
         )  # fmt: skip
     load = result.get("load_average_before")
     fig.suptitle(f"bench overhead: direct vs through the gateway (load average {load})", fontsize=10)
