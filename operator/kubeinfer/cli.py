@@ -252,7 +252,7 @@ def cmd_bench_routing(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens, requests=args.requests, concurrency=args.concurrency,
         num_blocks=args.num_blocks, target_inflight=args.target_inflight,
         tell_gateway_max_num_seqs=args.tell_max_num_seqs, max_num_seqs=args.max_num_seqs, seed=args.seed,
-        pin=args.pin, scrape_interval=args.scrape_interval,
+        pin=args.pin, scrape_interval=args.scrape_interval, repeat=args.repeat,
     )  # fmt: skip
     try:
         result = asyncio.run(run_routing(config, on_policy=lambda name: _say(f"policy {name}")))
@@ -584,6 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--target-inflight", type=int, help="routing.targetInflight of the gateway's model")
     p.add_argument("--scrape-interval", type=float, default=1.0, help="the gateway's, seconds")
+    p.add_argument("--repeat", type=int, default=1, help="runs of every policy; figures are their means")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--json", action="store_true")

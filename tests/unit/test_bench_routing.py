@@ -44,6 +44,19 @@ def test_compare_against_round_robin_and_goals():
     assert compare({"prefix-aware": _policy(1, 1, 1)}, "no-sharing") == {}
 
 
+def test_repeated_runs_are_averaged_with_their_spread():
+    runs = [
+        {**_policy(400, 900, 100), "groups_on_several_replicas": 2, "note": "first"},
+        {**_policy(600, 1100, 140, success=0.9), "groups_on_several_replicas": 4, "note": "last"},
+    ]
+    merged = routing.merge_runs(runs)
+    assert merged["mean_ttft_ms"] == 500 and merged["output_tok_s"] == 120 and merged["runs"] == 2
+    assert merged["groups_on_several_replicas"] == 3 and merged["note"] == "last"
+    assert merged["success_rate"] == 0.9  # the worst run's
+    assert merged["spread"]["mean_ttft_ms"]["min"] == 400 and merged["spread"]["mean_ttft_ms"]["max"] == 600
+    assert routing.merge_runs(runs[:1]) == runs[0]
+
+
 def test_placement_counts_requests_groups_and_split_groups():
     records = [("a", 0), ("a", 0), ("b", 1), ("b", 0), ("c", 2), (None, 3), ("a", None)]
     p = placement(records)

@@ -64,10 +64,19 @@ class RoutingConfig:
     seed: int = 0
     pin: bool = True
     timeout: float = 120.0
+    repeat: int = 1
+    """Runs of every policy (interleaved: all policies, then all again), each on fresh replicas; the
+    figures are their means, `spread` their mean, stddev, min, max and CV."""
 
     def validate(self) -> None:
-        if self.replicas < 1 or self.requests < 1 or self.concurrency < 1 or self.groups < 1:
-            raise ValueError("replicas, requests, concurrency and groups must be at least 1")
+        if (
+            self.replicas < 1
+            or self.requests < 1
+            or self.concurrency < 1
+            or self.groups < 1
+            or self.repeat < 1
+        ):
+            raise ValueError("replicas, requests, concurrency, groups and repeat must be at least 1")
         if self.workload not in ("shared-prefix", "no-sharing"):
             raise ValueError(f"workload must be shared-prefix or no-sharing, not {self.workload!r}")
         unknown = [p for p in self.policies if p not in POLICIES]
@@ -176,6 +185,30 @@ def compare(policies: Mapping[str, Mapping[str, Any]], workload: str) -> dict[st
     return out
 
 
+# Figures averaged over repeated runs (the rest of a policy's dict comes from its last run).
+AVERAGED = (
+    "mean_ttft_ms", "p50_ttft_ms", "p90_ttft_ms", "p99_ttft_ms", "output_tok_s", "requests_per_s",
+    "prefix_cache_hit_rate", "imbalance", "requests_off_home", "replicas_per_group_mean",
+    "groups_on_several_replicas", "duration_s", "wall_s",
+)  # fmt: skip
+
+
+def merge_runs(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One policy's figures over repeated runs: the mean of each figure, with its `spread`; the success
+    rate is the worst run's (every run must succeed)."""
+    out = dict(runs[-1])
+    if len(runs) == 1:
+        return out
+    out["spread"] = {}
+    for key in AVERAGED:
+        values = [r[key] for r in runs if r.get(key) is not None]
+        spread = stats.spread(values)
+        out[key], out["spread"][key] = spread["mean"], spread
+    out["success_rate"] = min(r["success_rate"] for r in runs)
+    out["runs"] = len(runs)
+    return out
+
+
 def policy_figures(run: RunResult, hits: float | None, where: dict[str, Any]) -> dict[str, Any]:
     d = run.to_dict()
     return {
@@ -267,23 +300,29 @@ async def run_routing(
         "pinned": pin, "load_average_before": _load(), "policies": {},
     }  # fmt: skip
     cached: list[float] = []
+    runs: list[dict[str, dict[str, Any]]] = []
     if client:
         os.sched_setaffinity(0, client)
     try:
         with tempfile.TemporaryDirectory(prefix="kubeinfer-bench-") as tmp:
-            for policy in config.policies:
-                if on_policy:
-                    on_policy(policy)
-                t0 = time.monotonic()
-                figures, ttft = await _one_policy(policy, config, prompts, tmp, (client, gateway))
-                figures["wall_s"] = time.monotonic() - t0
-                result["policies"][policy] = figures
-                if ttft is not None:
-                    cached.append(ttft)
+            for i in range(config.repeat):
+                runs.append({})
+                for policy in config.policies:
+                    if on_policy:
+                        on_policy(policy if config.repeat == 1 else f"{policy} (run {i + 1}/{config.repeat})")
+                    t0 = time.monotonic()
+                    figures, ttft = await _one_policy(policy, config, prompts, tmp, (client, gateway))
+                    figures["wall_s"] = time.monotonic() - t0
+                    runs[-1][policy] = figures
+                    if ttft is not None:
+                        cached.append(ttft)
     finally:
         if client:
             os.sched_setaffinity(0, set(cores))
     result["load_average_after"] = _load()
+    result["policies"] = {p: merge_runs([run[p] for run in runs]) for p in config.policies}
+    if config.repeat > 1:
+        result["runs"] = runs
     result["cached_ttft_ms"] = stats.percentile(cached, 50)
     rr = result["policies"].get("round-robin")
     result["rr_p90_ttft_over_cached"] = (
@@ -318,8 +357,20 @@ def format_routing(result: dict[str, Any]) -> str:
             f"{name:14} {num(p['mean_ttft_ms'], '10.1f')} {num(p['p90_ttft_ms'], '10.1f')} "
             f"{num(p['output_tok_s'], '8.1f')} {p['success_rate']:8.1%} "
             f"{num(p['prefix_cache_hit_rate'], '9.1%')} "
-            f"{num(p['imbalance'], '9.2f')} {p['groups_on_several_replicas']:12d}"
+            f"{num(p['imbalance'], '9.2f')} {num(p['groups_on_several_replicas'], '12.0f')}"
         )
+
+    def spread_text(s: dict[str, Any]) -> str:
+        low, high = num(s["min"], ".0f"), num(s["max"], ".0f")
+        return f"{num(s['mean'], '.0f')} +- {num(s['stddev'], '.0f')} ({low}-{high})"
+
+    for name, p in result["policies"].items():
+        spread = p.get("spread")
+        if spread:
+            lines.append(
+                f"  {name} over {p['runs']} runs: mean TTFT {spread_text(spread['mean_ttft_ms'])} ms, "
+                f"tok/s {spread_text(spread['output_tok_s'])}"
+            )
     lines.append("")
     lines.append(f"cached TTFT {num(result['cached_ttft_ms'], '.1f')} ms; round-robin p90 TTFT / cached "
                  f"{num(result['rr_p90_ttft_over_cached'], '.1f')}x")  # fmt: skip
