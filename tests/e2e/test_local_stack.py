@@ -77,7 +77,9 @@ def test_apply_to_first_token_llama_server(stack: LocalStack) -> None:
     stack.kubectl("apply", "-f", str(EXAMPLES / "tiny-gguf-cpu.yaml"))
     took = first_token(stack, GGUF, t0, timeout=120)
     TIMINGS["apply -> first token, llama-server"] = took
-    assert stack.condition(GGUF, "Ready")["status"] == "True"
+    # The operator writes Ready when it sees the Deployment's ready count, which can trail the
+    # gateway's pod watch by a moment on a busy machine.
+    wait_for(lambda: stack.condition(GGUF, "Ready")["status"] == "True", 30, "Ready=True")
     raw = stack.openai().chat.completions.with_raw_response.create(model=GGUF, messages=HELLO, max_tokens=8)
     assert raw.headers["x-kubeinfer-replica"].startswith(f"{contract.child_name(GGUF)}-")
     assert raw.parse().choices[0].message.content
@@ -428,4 +430,4 @@ def test_up_again_then_down_then_up(stack: LocalStack) -> None:
     # The model applied before `down` is still there (etcd kept) and serves again.
     took = first_token(stack, GGUF, time.monotonic(), timeout=120)
     TIMINGS["after up: first token of the kept model"] = took
-    assert stack.condition(GGUF, "Ready")["status"] == "True"
+    wait_for(lambda: stack.condition(GGUF, "Ready")["status"] == "True", 30, "Ready=True")

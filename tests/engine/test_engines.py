@@ -32,7 +32,8 @@ def _client(base_url: str) -> openai.OpenAI:
 
 
 def _async_client(base_url: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    # Generous: on a shared 2-core CI machine a loaded tiny engine can take minutes.
+    return openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=600)
 
 
 def _scrape(base_url: str) -> ReplicaStats:

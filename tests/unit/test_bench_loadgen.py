@@ -355,10 +355,12 @@ async def test_ttft_and_itl_are_the_injected_delays(fake):
     cfg = LoadConfig(url=url, model="ttft=0.1,itl=0.03,n=6,a", iterations=6, concurrency=3)
     r = await run_load(cfg)
     assert r.success == 6 and r.errors == {}
-    assert 95 <= r.ttft_ms["p50"] <= 200
-    assert 25 <= r.itl_ms["p50"] <= 80
+    # Lower bounds are the injected delays; upper bounds are loose, since CI machines are shared.
+    assert 95 <= r.ttft_ms["p50"] <= 600
+    assert 25 <= r.itl_ms["p50"] <= 300
+    assert r.ttft_ms["p50"] < r.latency_ms["p50"]
     assert all(len(rec.itl) == 5 for rec in r.records)
-    assert 245 <= r.latency_ms["p50"] <= 450  # 0.1 + 5 * 0.03
+    assert 245 <= r.latency_ms["p50"] <= 1500  # 0.1 + 5 * 0.03
     assert r.output_tokens == 36 and r.output_tokens_from == {"usage": 6} and r.input_tokens == 66
     assert r.output_tokens_per_s == pytest.approx(36 / r.duration_s)
     assert r.requests_per_s == pytest.approx(6 / r.duration_s)
@@ -428,7 +430,7 @@ async def test_open_loop_follows_the_seeded_poisson_schedule(fake):
     assert planned == arrival_times(n, rate, seed=5) != arrival_times(n, rate, seed=6)
     starts = sorted(rec.start for rec in r.records)
     late = [abs(a - b) for a, b in zip(starts, planned, strict=True)]
-    assert statistics.median(late) < 0.02 and max(late) < 0.15
+    assert statistics.median(late) < 0.1 and max(late) < 0.5  # sent on schedule (loosely: shared CI)
     # The schedule itself is Poisson at `rate`: mean gap 1/rate (loosely: 50 samples).
     assert planned[-1] / (n - 1) == pytest.approx(1 / rate, rel=0.35)
     gaps = [b - a for a, b in itertools.pairwise(planned)]
