@@ -79,11 +79,19 @@ class AiohttpUpstream:
         )
 
     async def post(self, url: str, headers: dict[str, str], body: bytes) -> UpstreamResponse:
-        try:
-            resp = await self._session.post(url, data=body, headers=headers)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise UpstreamError(f"{type(exc).__name__}: {exc}") from exc
-        return _AiohttpResponse(resp)
+        for attempt in (1, 2):
+            try:
+                resp = await self._session.post(url, data=body, headers=headers)
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                # A pooled keep-alive connection the replica had already closed fails like this on
+                # reuse; that says nothing about the replica, so once more on a fresh connection.
+                if attempt == 1 and not isinstance(exc, aiohttp.ClientConnectorError):
+                    continue
+                raise UpstreamError(f"{type(exc).__name__}: {exc}") from exc
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise UpstreamError(f"{type(exc).__name__}: {exc}") from exc
+            return _AiohttpResponse(resp)
+        raise AssertionError("unreachable")
 
     async def get_text(self, url: str, timeout: float) -> tuple[int, str]:
         try:
