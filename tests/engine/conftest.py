@@ -11,9 +11,7 @@ way replicas have their own pod IPs, and is killed with its whole process group 
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -95,8 +93,7 @@ class EngineProcess:
                     p.wait(timeout=10)
             # The server leads its own process group (start_new_session): whatever it left behind
             # (vLLM's engine-core process) goes with it.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(p.pid, signal.SIGKILL)
+            procs.kill_group(p.pid)
         finally:
             if self._watchdog is not None:
                 self._watchdog.kill()

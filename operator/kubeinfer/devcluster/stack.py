@@ -48,6 +48,7 @@ import yaml
 
 from kubeinfer import contract
 from kubeinfer.devcluster import procs
+from kubeinfer.devcluster.controlplane import _port_free
 from kubeinfer.devcluster.nodeagent import NODE_NAME
 
 NAMESPACE = "default"
@@ -127,18 +128,6 @@ def _try_lock(path: Path) -> Iterator[IO[str] | None]:
 def running(layout: Layout) -> bool:
     with _try_lock(layout.lock) as lock:
         return lock is None
-
-
-def _port_free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def _http_ok(url: str) -> bool:
