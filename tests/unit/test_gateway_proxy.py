@@ -183,6 +183,30 @@ def test_round_robin_spreads_and_inflight_returns_to_zero():
     assert all(load.inflight == 0 for load in loads.values())
 
 
+def test_prefix_aware_keeps_a_shared_system_prompt_on_one_replica():
+    client, _, app = _client({f"10.0.0.{i}:8000": "ok" for i in range(1, 5)}, strategy="prefix-aware")
+
+    def ask(system: str, question: str) -> str:
+        body = {"model": "tiny", "max_tokens": 4, "messages": [
+            {"role": "system", "content": system}, {"role": "user", "content": question}]}  # fmt: skip
+        r = client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200
+        return r.headers["x-kubeinfer-replica"]
+
+    with client:
+        groups = {g: f"You are assistant {g}. " + "Follow the house style. " * 40 for g in "abc"}
+        got = {g: {ask(system, f"question {n}") for n in range(5)} for g, system in groups.items()}
+        # Prompts sharing nothing route by load: the short ones take turns like round-robin.
+        short = [ask("be brief", f"q{n}") for n in range(8)]
+        index = app.state.gw.prefix_index
+        admin = client.get("/v1/admin/models").json()["data"][0]["replicaStats"]
+    # Each group on one replica, and the three groups on three different ones (placed by load).
+    assert all(len(replicas) == 1 for replicas in got.values()), got
+    assert len(set.union(*got.values())) == 3
+    assert sorted(short.count(r) for r in set(short)) == [2, 2, 2, 2]
+    assert len(index) == sum(r["prefixBlocksRouted"] for r in admin) > 0
+
+
 def test_models_lists_served_names_and_aliases():
     client, _, _ = _client({"10.0.0.1:8000": "ok"})
     with client:

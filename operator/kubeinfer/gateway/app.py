@@ -82,6 +82,7 @@ async def admin_models(request: Request) -> JSONResponse:
                 "id": e.id, "address": e.address, "ready": e.ready, "inflight": load.inflight,
                 "running": stats.running if stats else None, "waiting": stats.waiting if stats else None,
                 "kvCacheUsage": stats.kv_cache_usage if stats else None,
+                "prefixBlocksRouted": state.prefix_index.held(e.id),
                 "prefixCacheHitRate": (
                     stats.prefix_cache_hits / stats.prefix_cache_queries
                     if stats and stats.prefix_cache_queries and stats.prefix_cache_hits is not None else None
@@ -151,7 +152,7 @@ async def scrape_once(state: State) -> None:
         except (UpstreamError, ScrapeError):
             return  # stale data ages out; own in-flight counts carry the routing meanwhile
         load = state.loads.get(endpoint_id, Load())
-        state.loads[endpoint_id] = Load(load.inflight, stats, time.monotonic())
+        state.loads[endpoint_id] = Load(load.inflight, stats, time.monotonic(), load.inflight)
 
     endpoints = [
         e
@@ -160,6 +161,7 @@ async def scrape_once(state: State) -> None:
         if e.ready and not e.id.startswith("remote:")
     ]
     await asyncio.gather(*(one(e.id, e.address) for e in endpoints))
+    state.prefix_index.retain({e.id for eps in state.registry.endpoints.values() for e in eps})
 
 
 class GatewayApp:

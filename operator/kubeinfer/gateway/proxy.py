@@ -29,7 +29,7 @@ from kubeinfer.gateway import translate as tr
 from kubeinfer.gateway.admission import ModelQueue, QueueFull, QueueTimeout
 from kubeinfer.gateway.auth import ApiKey, Denied
 from kubeinfer.gateway.registry import ModelEntry
-from kubeinfer.gateway.routing import Endpoint, Load, RouteRequest, choose, prefix_key
+from kubeinfer.gateway.routing import Endpoint, Load, RouteRequest, choose, prefix_blocks
 from kubeinfer.gateway.state import State
 from kubeinfer.gateway.upstream import UpstreamError, UpstreamResponse
 from kubeinfer.gateway.usage import SSEUsage, Usage, prepare_stream_request, usage_from_dict, usage_from_json
@@ -108,15 +108,18 @@ def _try_pick(state: State, entry: ModelEntry, route: RouteRequest, tried: froze
     full = frozenset(
         e.id for e in endpoints if state.loads.get(e.id, Load()).inflight >= entry.target_inflight
     )
+    cached = state.prefix_index.match(route.prefix, (e.id for e in endpoints)) if route.prefix else None
     decision = choose(
         entry.routing.strategy, endpoints, state.loads, route, now=time.monotonic(),
         scrape_interval=state.settings.scrape_interval, rr_counter=state.rr.get(entry.name, 0),
-        target_inflight=entry.target_inflight, exclude=tried | full,
+        target_inflight=entry.target_inflight, cached=cached, exclude=tried | full,
     )  # fmt: skip
     if decision is None:
         return None
     state.rr[entry.name] = state.rr.get(entry.name, 0) + 1
     state.inflight(decision.endpoint_id, +1)  # taken here, so a concurrent request sees it at once
+    if route.prefix:
+        state.prefix_index.record(route.prefix, decision.endpoint_id)
     return next(e for e in endpoints if e.id == decision.endpoint_id)
 
 
@@ -214,7 +217,9 @@ async def _forward(
         return error(denied.status, denied.message, kind, param="model", code=denied.code, headers=wait)
 
     route = RouteRequest(
-        model=entry.name, prefix_key=prefix_key(body),
+        model=entry.name,
+        # Hashed only where it is used: the other strategies route by load alone.
+        prefix=prefix_blocks(body) if entry.routing.strategy == "prefix-aware" else (),
         session=request.headers.get(entry.routing.session_header) if entry.routing.session_header else None,
     )  # fmt: skip
     upstream_path, translate = path, None

@@ -1,7 +1,7 @@
 """Pick a replica for one request: pure functions of the endpoints, their loads and the request.
 
-The gateway keeps the state (in-flight counts, scrapes, the round-robin counter) and calls `choose` per
-attempt; a retry passes the replicas it already tried in `exclude`.
+The gateway keeps the state (in-flight counts, scrapes, the round-robin counter, the `PrefixIndex`)
+and calls `choose` per attempt; a retry passes the replicas it already tried in `exclude`.
 """
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Literal
@@ -25,6 +26,20 @@ VNODES = 100
 STALE_AFTER = 3
 """A scrape older than this many scrape intervals is ignored (a replica that stopped answering /metrics
 would otherwise keep the load it had when it went quiet)."""
+
+BLOCK_CHARS = 256
+"""Prefix granularity, in characters of prompt text (about 64 tokens of English). Engines cache in
+blocks of 16 tokens; a coarser block costs fewer hashes per request and loses less than one block of
+reuse per request."""
+
+MAX_PREFIX_CHARS = 32768
+"""Only the first this many characters are hashed (128 blocks): enough for long system prompts and
+few-shot examples, and it bounds the cost per request (tens of µs)."""
+
+INDEX_BLOCKS_PER_REPLICA = 8192
+"""How many prefix blocks the `PrefixIndex` remembers per replica, least recently used first out:
+about half a million tokens, the order of a large GPU's KV cache. Beyond that the replica has most
+likely evicted the block itself."""
 
 
 @dataclass(frozen=True)
@@ -45,13 +60,15 @@ class Load:
     scraped: ReplicaStats | None = None
     """The replica's last /metrics, which also counts other gateways' requests but lags."""
     scraped_at: float | None = None
+    inflight_at_scrape: int = 0
+    """`inflight` when the scrape arrived: the part of the scraped load that was our own."""
 
 
 @dataclass(frozen=True)
 class RouteRequest:
     model: str
-    prefix_key: bytes | str = ""
-    """The prompt prefix to hash (see `prefix_key`); empty = nothing to share, route by load."""
+    prefix: tuple[int, ...] = ()
+    """The prompt's chained block hashes (`prefix_blocks`); empty = nothing to share, route by load."""
     session: str | None = None
     """Value of the model's session header, if any: pins the session to one replica."""
 
@@ -62,21 +79,22 @@ class Decision:
     reason: Reason
 
 
-def load_score(load: Load, *, now: float, scrape_interval: float, target_inflight: int) -> float:
+def load_score(load: Load, *, now: float, scrape_interval: float) -> float:
     """How busy a replica is, in requests:
 
-        score = inflight + (running + waiting + kv_cache_usage * target_inflight   if the scrape is fresh)
+        score = inflight + max(0, running + waiting - inflight_at_scrape)   (the last term if fresh)
 
     * `inflight`, our own open requests, is exact and moves the instant we route, so a burst between two
       scrapes spreads instead of piling onto the replica that looked idlest at the last scrape (KubeAI's
       least-load routes on this count alone).
-    * `running + waiting` from the engine adds what our count cannot see: other gateway replicas' traffic
-      and requests the engine still holds after we gave up on them. Once a scrape has seen one of our
-      requests it counts twice; the bias is one per open request on every replica alike, so it does not
-      favour any, and removing it would need to know which of ours the scrape had seen.
-    * `kv_cache_usage * target_inflight` is memory pressure, as in llm-d's KV-cache-utilization scorer: a
-      few long-context requests can fill the KV cache so that the next one waits or preempts, although
-      the request count looks low. A full cache weighs as much as a full batch of `target_inflight`.
+    * The scraped `running + waiting` beyond what we had open when the scrape arrived is load our count
+      cannot see: other gateway replicas' traffic, requests the engine still holds after we gave up on
+      them. Our own requests are not counted twice: with a single gateway the term is about 0, and the
+      score is the exact in-flight count.
+    * No KV-cache term: measured with `kubeinfer bench routing` (docs/benchmarks.md), adding
+      `kv_cache_usage x targetInflight` made least-load worse than round-robin, because a scrape's KV
+      figure lags by up to an interval while whole bursts are routed on it. KV pressure that matters
+      shows up as `waiting` (requests the engine cannot schedule) in the next scrape.
     * A scrape older than STALE_AFTER intervals counts as absent (a replica whose /metrics hangs must not
       keep its last, perhaps low, number), leaving `inflight` alone, which is never stale.
     """
@@ -87,9 +105,7 @@ def load_score(load: Load, *, now: float, scrape_interval: float, target_infligh
         and load.scraped_at is not None
         and now - load.scraped_at <= STALE_AFTER * scrape_interval
     ):
-        score += stats.running + stats.waiting
-        if stats.kv_cache_usage is not None:
-            score += stats.kv_cache_usage * target_inflight
+        score += max(0, stats.running + stats.waiting - load.inflight_at_scrape)
     return score
 
 
@@ -103,6 +119,7 @@ def choose(
     scrape_interval: float,
     rr_counter: int,
     target_inflight: int,
+    cached: Mapping[str, int] | None = None,
     load_bound: float = 1.25,
     min_bound: float = 0.5,
     exclude: frozenset[str] = frozenset(),
@@ -110,22 +127,25 @@ def choose(
     """The replica for `request`, or None when no ready replica of its model is left to try.
 
     * round-robin: the `rr_counter`-th of the candidates sorted by id (the caller increments it).
-    * least-load: the lowest `load_score`; ties go to the smallest id, so equal replicas are picked in
-      a fixed order rather than by dict order.
-    * prefix-aware: consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam 2018). The
-      prefix key's point on the ring names an owner, so requests sharing a prefix meet its KV cache
-      there; walking on from that point, the first replica with
-      score <= max(load_bound * (mean score + 1), min_bound * target_inflight) is taken, so a hot
-      prefix spills to the next replica on the ring (which then warms the same prefix) instead of
-      queueing behind one. The `+ 1` counts the request being placed and keeps an idle fleet from
-      having a bound of 0. The floor `min_bound * target_inflight` keeps a lightly loaded fleet from
-      spilling: with one hot prefix and seven idle replicas the mean alone would put the bound near 2,
-      so the third concurrent request would pay a full prefill elsewhere although its owner batches
-      many sequences at once for little extra per-token cost. Since the least-loaded replica is never
-      above the mean, a `load_bound` >= 1 always finds one; the least-load fallback
-      ("prefix-overloaded-fallback") can only happen with a bound below 1.
-    * A request with a (non-empty) session, under any strategy, hashes the session instead, with the
-      same bound: a conversation stays on the replica that holds its history's KV cache.
+    * least-load: the lowest `load_score`; ties are broken in round-robin order from `rr_counter`, so
+      equally loaded replicas take turns (a fixed order would send a burst's ties to the same few).
+    * prefix-aware: `cached` says, per replica, how many leading blocks of `request.prefix` it was sent
+      recently (`PrefixIndex.match`). Of the replicas with score <= bound, where
+      bound = max(load_bound * (mean score + 1), min_bound * target_inflight), the one with the longest
+      cached prefix is taken (ties: the least loaded), so requests that share a prefix meet its KV
+      cache. A prefix nobody holds goes to the least-loaded replica, which then holds it: new prefixes
+      are placed by load, not by a hash, so a few groups cannot pile onto one replica, and requests that
+      share nothing are routed exactly as by least-load. A hot prefix whose holders are all over the
+      bound spills to the least-loaded replica ("prefix-overloaded-fallback"), which warms it too, and
+      later requests pick the less loaded of the holders. The `+ 1` counts the request being placed
+      and keeps an idle fleet from having a bound of 0; the floor `min_bound * target_inflight` keeps a
+      lightly loaded fleet from spilling (with one hot prefix and seven idle replicas the mean alone
+      would put the bound near 2, and the third concurrent request would pay a full prefill elsewhere
+      although its holder batches many sequences at once for little extra per-token cost).
+    * A request with a (non-empty) session, under any strategy, is pinned by consistent hashing with
+      bounded loads (Mirrokni, Thorup, Zadimoghaddam 2018): the session's point on a hash ring names
+      its replica, the first one from there within the same bound is taken. A conversation stays on the
+      replica that holds its history's KV cache, and every gateway replica agrees on it without state.
 
     Candidates are the ready endpoints of `request.model` not in `exclude`; missing loads count as 0.
     """
@@ -136,31 +156,86 @@ def choose(
     )
     if not candidates:
         return None
+    n = len(candidates)
     if strategy == "round-robin" and not request.session:
-        return Decision(candidates[rr_counter % len(candidates)], "round-robin")
+        return Decision(candidates[rr_counter % n], "round-robin")
 
     empty = Load()
     scores = {
-        i: load_score(
-            loads.get(i, empty), now=now, scrape_interval=scrape_interval, target_inflight=target_inflight
-        )
-        for i in candidates
+        i: load_score(loads.get(i, empty), now=now, scrape_interval=scrape_interval) for i in candidates
     }
-    least = min(candidates, key=lambda i: (scores[i], i))
+    turn = {i: (k - rr_counter) % n for k, i in enumerate(candidates)}
+    least = min(candidates, key=lambda i: (scores[i], turn[i]))
+    bound = max(load_bound * (sum(scores.values()) / n + 1), min_bound * target_inflight)
 
     if request.session:
-        key: bytes | str = request.session
-        reason: Reason = "session"
-    elif strategy == "prefix-aware" and request.prefix_key:
-        key, reason = request.prefix_key, "prefix-hit"
-    else:
+        for i in ring(tuple(candidates)).walk(request.session):
+            if scores[i] <= bound:
+                return Decision(i, "session")
+        return Decision(least, "prefix-overloaded-fallback")
+    if strategy != "prefix-aware" or not request.prefix or not cached:
         return Decision(least, "least-load")
+    holders = [i for i in candidates if cached.get(i, 0) > 0]
+    if not holders:
+        return Decision(least, "least-load")
+    within = [i for i in holders if scores[i] <= bound]
+    if not within:
+        return Decision(least, "prefix-overloaded-fallback")
+    return Decision(min(within, key=lambda i: (-cached[i], scores[i], turn[i])), "prefix-hit")
 
-    bound = max(load_bound * (sum(scores.values()) / len(scores) + 1), min_bound * target_inflight)
-    for i in ring(tuple(candidates)).walk(key):
-        if scores[i] <= bound:
-            return Decision(i, reason)
-    return Decision(least, "prefix-overloaded-fallback")
+
+class PrefixIndex:
+    """Which prompt-prefix blocks each replica was sent recently: per replica, an LRU set of block
+    hashes (at most `capacity`, oldest out), a model of what its KV cache holds.
+
+    It only sees this gateway's own traffic and guesses evictions by count (llm-d's "approximate"
+    prefix scorer works the same way); a replica that evicted a block sooner only costs that request
+    a prefill. Several gateway replicas each learn their own index, so a prefix may be placed once per
+    gateway.
+    """
+
+    def __init__(self, capacity: int = INDEX_BLOCKS_PER_REPLICA) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be >= 1")
+        self.capacity = capacity
+        self._blocks: dict[str, OrderedDict[int, None]] = {}
+
+    def match(self, prefix: Sequence[int], candidates: Iterable[str]) -> dict[str, int]:
+        """Per candidate holding at least the first block: how many leading blocks of `prefix` it holds."""
+        out: dict[str, int] = {}
+        for i in candidates:
+            held = self._blocks.get(i)
+            if not held:
+                continue
+            n = 0
+            for block in prefix:
+                if block not in held:
+                    break
+                n += 1
+            if n:
+                out[i] = n
+        return out
+
+    def record(self, prefix: Sequence[int], endpoint_id: str) -> None:
+        """`endpoint_id` was sent a prompt starting with `prefix`: it now caches those blocks."""
+        held = self._blocks.setdefault(endpoint_id, OrderedDict())
+        for block in prefix:
+            held[block] = None
+            held.move_to_end(block)
+        while len(held) > self.capacity:
+            held.popitem(last=False)
+
+    def retain(self, endpoint_ids: Collection[str]) -> None:
+        """Forget replicas that are gone (their pods, and caches, no longer exist)."""
+        for i in [i for i in self._blocks if i not in endpoint_ids]:
+            del self._blocks[i]
+
+    def held(self, endpoint_id: str) -> int:
+        """How many blocks the index thinks `endpoint_id` caches."""
+        return len(self._blocks.get(endpoint_id, ()))
+
+    def __len__(self) -> int:
+        return sum(len(held) for held in self._blocks.values())
 
 
 class HashRing:
@@ -203,16 +278,32 @@ def _hash(key: bytes | str) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
 
 
-def prefix_key(body: Mapping[str, Any], max_chars: int = 2048) -> str:
-    """The start of the prompt of an OpenAI-style request body, for prefix-aware routing.
+def prefix_blocks(
+    body: Mapping[str, Any], block_chars: int = BLOCK_CHARS, max_chars: int = MAX_PREFIX_CHARS
+) -> tuple[int, ...]:
+    """The prompt of an OpenAI-style request body as chained hashes of `block_chars`-character blocks:
+    block k's hash covers blocks 0..k, so two prompts share their first m hashes exactly when they share
+    their first m blocks of text (as an engine's prefix cache hashes token blocks). A trailing partial
+    block is left out, as engines do not cache it either; at most `max_chars` are hashed.
+
+    The hashes are Python's `hash`, salted per process: the index lives in one gateway process.
+    """
+    text = prompt_text(body, max_chars)
+    out: list[int] = []
+    h = 0
+    for start in range(0, len(text) - block_chars + 1, block_chars):
+        h = hash((h, text[start : start + block_chars]))
+        out.append(h)
+    return tuple(out)
+
+
+def prompt_text(body: Mapping[str, Any], max_chars: int = MAX_PREFIX_CHARS) -> str:
+    """The start of the prompt of an OpenAI-style request body, as text to hash for prefix routing.
 
     Chat (`messages`): each message's role and content, in order; text parts as text, anything else (an
-    image, audio) as a short hash of the part, so the same image gives the same key without hashing
-    megabytes of base64 into the ring. Completions (`prompt`): the prompt, the first one of a list
-    (token-id prompts as their ids). Cut to `max_chars`: requests that agree on their first `max_chars`
-    characters, e.g. a long shared system prompt, get the same key and land on the same replica, which
-    has that prefix's KV cache; a larger `max_chars` separates more requests that share a shorter
-    prefix, a smaller one groups more.
+    image, audio) as a short hash of the part, so the same image gives the same text without hashing
+    megabytes of base64. Completions (`prompt`): the prompt, the first one of a list (token-id prompts as
+    their ids). Cut to `max_chars`.
     """
     out: list[str] = []
     size = 0

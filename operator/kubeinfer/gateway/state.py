@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from kubeinfer.gateway.admission import ModelQueue
 from kubeinfer.gateway.auth import KeyStore
 from kubeinfer.gateway.registry import ModelEntry, Registry
-from kubeinfer.gateway.routing import Endpoint, Load
+from kubeinfer.gateway.routing import Endpoint, Load, PrefixIndex
 from kubeinfer.gateway.upstream import Upstream
 from kubeinfer.gateway.usage import Usage
 
@@ -42,6 +42,7 @@ class State:
     queues: dict[str, ModelQueue[Endpoint]] = field(default_factory=dict)
     ledger: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
     keys: KeyStore = field(default_factory=KeyStore)
+    prefix_index: PrefixIndex = field(default_factory=PrefixIndex)
     metrics: CollectorRegistry = field(default_factory=CollectorRegistry)
 
     def __post_init__(self) -> None:
@@ -126,4 +127,6 @@ class State:
 
     def inflight(self, endpoint_id: str, delta: int) -> None:
         load = self.loads.get(endpoint_id, Load())
-        self.loads[endpoint_id] = Load(max(0, load.inflight + delta), load.scraped, load.scraped_at)
+        self.loads[endpoint_id] = Load(
+            max(0, load.inflight + delta), load.scraped, load.scraped_at, load.inflight_at_scrape
+        )
