@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 import httpx
 import pytest
@@ -53,72 +51,37 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # --- Processes -------------------------------------------------------------------------------------
 
 
-def _tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError as exc:
-        return f"(no log: {exc})"
-
-
 @dataclass
 class EngineProcess:
-    """One engine server we started: `base_url` (no /v1), its log file, its Popen."""
+    """One engine server we started: `base_url` (no /v1), its log file, its process (a procs.Child:
+    own process group, a watchdog, and the group killed at stop)."""
 
     name: str
     host: str
     port: int
     argv: list[str]
     log: Path
-    popen: subprocess.Popen[bytes]
+    child: procs.Child
     startup_seconds: float = 0.0
-    _log_file: IO[bytes] | None = field(default=None, repr=False)
-    _watchdog: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
     def log_tail(self, lines: int = 40) -> str:
-        return _tail(self.log, lines)
+        return self.child.tail(lines)
 
     def stop(self, grace: float = 20.0) -> None:
-        p = self.popen
-        try:
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(timeout=grace)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(timeout=10)
-            # The server leads its own process group (start_new_session): whatever it left behind
-            # (vLLM's engine-core process) goes with it.
-            procs.kill_group(p.pid)
-        finally:
-            if self._watchdog is not None:
-                self._watchdog.kill()
-                self._watchdog.wait()
-            if self._log_file is not None:
-                self._log_file.close()
+        self.child.stop(grace)  # and whatever it left behind in its group (vLLM's engine-core process)
 
 
 def _spawn(
     name: str, argv: Sequence[str], host: str, port: int, log: Path, env: dict[str, str] | None = None
 ) -> EngineProcess:
-    log_file = open(log, "ab")  # noqa: SIM115 - closed by EngineProcess.stop
-    popen = subprocess.Popen(
-        list(argv),
-        stdin=subprocess.DEVNULL,
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,  # own process group, so teardown can kill all of it
-        preexec_fn=procs.die_with_parent(),
-    )
-    # PR_SET_PDEATHSIG alone is not enough if pytest dies without teardown: vLLM's API server
-    # ignores the SIGTERM while it starts up, and its engine-core process would run on, orphaned.
-    watchdog = procs.start_watchdog(popen.pid)
-    return EngineProcess(name, host, port, list(argv), log, popen, _log_file=log_file, _watchdog=watchdog)
+    # The watchdog, because PR_SET_PDEATHSIG alone is not enough if pytest dies without teardown: vLLM's
+    # API server ignores the SIGTERM while it starts up, and its engine-core process would run on.
+    child = procs.Child(name, argv, log, env=env, watchdog=True).start()
+    return EngineProcess(name, host, port, list(argv), log, child)
 
 
 def _wait_healthy(proc: EngineProcess, timeout: float) -> None:
@@ -127,9 +90,9 @@ def _wait_healthy(proc: EngineProcess, timeout: float) -> None:
     last = "no answer yet"
     with httpx.Client(timeout=5.0) as http:
         while True:
-            if proc.popen.poll() is not None:
+            if not proc.child.running():
                 pytest.fail(
-                    f"{proc.name} exited with code {proc.popen.returncode} during startup: "
+                    f"{proc.name} exited with code {proc.child.returncode} during startup: "
                     f"{' '.join(proc.argv)}\nlast lines of {proc.log}:\n{proc.log_tail()}",
                     pytrace=False,
                 )

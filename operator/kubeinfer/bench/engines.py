@@ -10,11 +10,11 @@ replicas' `vllm:prefix_cache_hits_total / vllm:prefix_cache_queries_total` befor
 Then the same requests, policy by policy, go to fresh simulators with vLLM's CPU block size (128) and
 the real replicas' number of KV blocks.
 
-Prompt length: the gateway's prefix-aware key is the prompt's first 2048 characters
-(`gateway.routing.prefix_key`), so two prompts that share a shorter head still hash apart. The tiny
-model's tokenizer is byte-level (one character, one token), so a shared prefix that the router can see
-needs more than 2048 tokens: the replicas run with `--max-model-len 4096` and `--hf-overrides` raising
-the model's `max_position_embeddings` from 2048 to match (the weights are random anyway).
+Prompt length: the prefixes are long (2304 tokens, 18 of vLLM's 128-token CPU blocks) so that a
+cache hit saves most of a prompt's prefill and a few prefixes fill a replica's cache. The tiny model's
+tokenizer is byte-level (one character, one token): the replicas run with `--max-model-len 4096` and
+`--hf-overrides` raising the model's `max_position_embeddings` from 2048 to match (the weights are
+random anyway). The gateway sees prefixes in 256-character blocks (`gateway.routing.prefix_blocks`).
 Prompts are made per engine in its own token unit (characters for vLLM, words for the simulator), so
 both see the same number of tokens per prefix and question.
 """
@@ -26,13 +26,12 @@ import json
 import os
 import random
 import re
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -41,6 +40,7 @@ from kubeinfer.bench import fleet
 from kubeinfer.bench.datasets import WORDS, Prompt
 from kubeinfer.bench.loadgen import LoadConfig, run_load
 from kubeinfer.bench.routing import REPLICA_HEADER, hit_rate, placement, ratio_vs, reduction_vs
+from kubeinfer.devcluster import procs
 from kubeinfer.gateway.scrape import ReplicaStats, parse_metrics
 
 MODEL = "tiny"
@@ -167,16 +167,8 @@ class Replica:
     log: Path
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
         # The server leads its own process group: vLLM's engine-core process goes with it.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        procs.stop_process(self.proc, 20.0, group=True)
 
 
 def _tail(path: Path, lines: int = 30) -> str:
@@ -194,8 +186,6 @@ def _get(url: str, timeout: float = 5.0) -> str:
 @contextlib.contextmanager
 def vllm_replicas(config: EnginesConfig, workdir: Path, model_dir: Path) -> Iterator[list[Replica]]:
     """`config.replicas` vLLM servers on 127.0.0.1, started in parallel; stopped at the end."""
-    from kubeinfer.devcluster import procs
-
     replicas: list[Replica] = []
     try:
         for i in range(config.replicas):
@@ -273,6 +263,23 @@ def _load_average() -> list[float] | None:
         return None
 
 
+async def _each_policy(
+    config: EnginesConfig,
+    engine: str,
+    unit: Unit,
+    say: Callable[[str], None],
+    run: Callable[[str, list[Prompt]], Awaitable[dict[str, Any]]],
+) -> dict[str, Any]:
+    """`run(policy, prompts)` for each policy in turn, with prompts of its own (in `unit`); by policy."""
+    runs: dict[str, Any] = {}
+    for i, policy in enumerate(config.policies):
+        say(f"{engine} {policy}")
+        prompts = engine_prompts(config.requests, config.groups, config.prefix_tokens,
+                                 config.question_tokens, unit, config.seed + i)  # fmt: skip
+        runs[policy] = await run(policy, prompts)
+    return runs
+
+
 async def run_engines(
     config: EnginesConfig,
     *,
@@ -300,30 +307,26 @@ async def run_engines(
             urls = [r.url for r in replicas]
             blocks = num_blocks(_get(f"{urls[0]}/metrics"))
             result["vllm_num_blocks"] = blocks
-            vllm: dict[str, Any] = {}
-            for i, policy in enumerate(config.policies):
-                say(f"vLLM {policy}")
-                prompts = engine_prompts(config.requests, config.groups, config.prefix_tokens,
-                                         config.question_tokens, "char", config.seed + i)  # fmt: skip
-                vllm[policy] = await _policy_run(policy, urls, prompts, config, tmp)
-            result["vllm"] = vllm
+
+            async def on_vllm(policy: str, prompts: list[Prompt]) -> dict[str, Any]:
+                return await _policy_run(policy, urls, prompts, config, tmp)
+
+            result["vllm"] = await _each_policy(config, "vLLM", "char", say, on_vllm)
         if config.sims:
             sim_opts = {
                 "block_size": VLLM_BLOCK_SIZE, "num_blocks": blocks or config.kv_cache_bytes // (128 * 4096),
                 "max_model_len": config.max_model_len, "max_num_seqs": config.max_num_seqs,
             }  # fmt: skip
             result["sim_options"] = sim_opts
-            sims: dict[str, Any] = {}
-            for i, policy in enumerate(config.policies):
-                say(f"sim {policy}")
-                prompts = engine_prompts(config.requests, config.groups, config.prefix_tokens,
-                                         config.question_tokens, "word", config.seed + i)  # fmt: skip
+
+            async def on_sims(policy: str, prompts: list[Prompt]) -> dict[str, Any]:
                 fl = fleet.start_fleet("sim", config.replicas, {**sim_opts, "model": MODEL})
                 try:
-                    sims[policy] = await _policy_run(policy, fl.urls, prompts, config, tmp)
+                    return await _policy_run(policy, fl.urls, prompts, config, tmp)
                 finally:
                     fl.stop()
-            result["sim"] = sims
+
+            result["sim"] = await _each_policy(config, "sim", "word", say, on_sims)
     result["load_average_after"] = _load_average()
     for kind in ("vllm", "sim"):
         runs = result.get(kind) or {}

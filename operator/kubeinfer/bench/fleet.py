@@ -31,6 +31,8 @@ from collections.abc import Awaitable, Callable, Generator, MutableMapping, Sequ
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from kubeinfer.devcluster import procs
+
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
@@ -208,6 +210,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 # --- the parent's side ------------------------------------------------------------------------------
 
+STOP_GRACE = 5.0
+"""Seconds a fleet or gateway process gets to exit after SIGTERM before it is SIGKILLed."""
+
 
 def can_pin() -> bool:
     """Whether processes can be pinned to separate cores here (Linux, two or more usable cores)."""
@@ -233,20 +238,7 @@ class Fleet:
         return [u.removeprefix("http://") for u in self.urls]
 
     def stop(self) -> None:
-        stop_process(self.proc)
-
-
-def stop_process(proc: subprocess.Popen[Any], grace: float = 5.0) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-    for stream in (proc.stdin, proc.stdout):
-        if stream is not None:
-            stream.close()
+        procs.stop_process(self.proc, STOP_GRACE)
 
 
 def start_fleet(
@@ -266,7 +258,7 @@ def start_fleet(
     os.set_blocking(proc.stdout.fileno(), False)
     while not line.endswith(b"\n"):
         if proc.poll() is not None or time.monotonic() > deadline:
-            stop_process(proc)
+            procs.stop_process(proc, STOP_GRACE)
             raise RuntimeError(f"the {kind} fleet did not start (exit {proc.returncode})")
         chunk = proc.stdout.read()
         if chunk:
@@ -307,7 +299,7 @@ class GatewayProcess:
         return self.proc.pid
 
     def stop(self) -> None:
-        stop_process(self.proc)
+        procs.stop_process(self.proc, STOP_GRACE)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -345,7 +337,7 @@ def start_gateway(
         except OSError:
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
-            stop_process(proc)
+            procs.stop_process(proc, STOP_GRACE)
             raise RuntimeError(f"the gateway did not start (exit {proc.returncode})")
         time.sleep(0.05)
 

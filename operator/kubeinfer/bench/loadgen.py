@@ -399,10 +399,7 @@ async def _send(
     rec = RequestRecord(index=index, start=start, latency=0.0)
     try:
         async with asyncio.timeout(config.timeout):
-            if config.stream:
-                await _streamed(client, url, body, headers, config, rec, start)
-            else:
-                await _plain(client, url, body, headers, config, rec, start)
+            await _exchange(client, url, body, headers, config, rec, start)
     except (TimeoutError, httpx.TimeoutException):
         rec.error = "timeout"
     except (httpx.ConnectError, httpx.ProxyError, httpx.UnsupportedProtocol):
@@ -458,7 +455,7 @@ def _capture(config: LoadConfig, headers: Mapping[str, str], rec: RequestRecord)
             rec.headers[name] = headers[name]
 
 
-async def _streamed(
+async def _exchange(
     client: httpx.AsyncClient,
     url: str,
     body: bytes,
@@ -467,6 +464,14 @@ async def _streamed(
     rec: RequestRecord,
     start: float,
 ) -> None:
+    """One request with httpx: a whole answer, or (`config.stream`) a stream read to its end."""
+    if not config.stream:
+        resp = await client.post(url, content=body, headers=headers)
+        rec.latency = time.perf_counter() - start
+        rec.ttft = rec.latency
+        _capture(config, resp.headers, rec)
+        _parse_plain(rec, resp.status_code, resp.content)
+        return
     async with client.stream("POST", url, content=body, headers=headers) as resp:
         _capture(config, resp.headers, rec)
         if resp.status_code >= 300:
@@ -495,22 +500,6 @@ def _end_stream(rec: RequestRecord, sse: _Stream, start: float) -> None:
         rec.output_tokens, rec.tokens_from = sse.usage_tokens, "usage"
     else:
         rec.output_tokens, rec.tokens_from = sse.chunks, "chunks"
-
-
-async def _plain(
-    client: httpx.AsyncClient,
-    url: str,
-    body: bytes,
-    headers: dict[str, str],
-    config: LoadConfig,
-    rec: RequestRecord,
-    start: float,
-) -> None:
-    resp = await client.post(url, content=body, headers=headers)
-    rec.latency = time.perf_counter() - start
-    rec.ttft = rec.latency
-    _capture(config, resp.headers, rec)
-    _parse_plain(rec, resp.status_code, resp.content)
 
 
 def _parse_plain(rec: RequestRecord, status: int, raw: bytes) -> None:

@@ -12,8 +12,9 @@ Two mechanisms, because neither is enough alone:
   above, and an owner that was SIGKILLed or ran out of memory.
 
 :class:`Child` puts both together for long-running helpers (the operator, the gateway, the node
-agent); :func:`start_ticks` and :func:`alive` identify a recorded pid across restarts, so a pid that
-the kernel reused for something else is never signalled.
+agent); :func:`stop_process` is how it stops, for any Popen. :func:`start_ticks` and :func:`alive`
+identify a recorded pid across restarts, so a pid that the kernel reused for something else is never
+signalled.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 _PR_SET_PDEATHSIG = 1
 
@@ -84,6 +85,32 @@ def start_watchdog(pgid: int) -> subprocess.Popen[bytes]:
 def kill_group(pgid: int, sig: int = signal.SIGKILL) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
+
+
+def stop_process(proc: subprocess.Popen[Any], grace: float, *, group: bool = False) -> None:
+    """SIGTERM `proc`, wait up to `grace` seconds, then SIGKILL it; close the pipes we hold to it.
+
+    `group`: `proc` leads a process group of its own (``start_new_session``). The SIGKILL goes to the
+    whole group, and so does one more once the process has exited: whatever it left behind (vLLM's
+    engine-core process) goes with it.
+    """
+    try:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                if group:
+                    kill_group(proc.pid)
+                else:
+                    proc.kill()
+                proc.wait(timeout=10)
+        if group:
+            kill_group(proc.pid)
+    finally:
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
 
 
 def start_ticks(pid: int) -> int | None:
@@ -169,14 +196,7 @@ class Child:
         if p is None:
             return
         try:
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(timeout=grace)
-                except subprocess.TimeoutExpired:
-                    kill_group(p.pid)
-                    p.wait(timeout=10)
-            kill_group(p.pid)  # whatever it left behind in its group goes with it
+            stop_process(p, grace, group=True)
         finally:
             if self._watchdog is not None:
                 self._watchdog.kill()
