@@ -188,9 +188,9 @@ class PrefixIndex:
     """Which prompt-prefix blocks each replica was sent recently: per replica, an LRU set of block
     hashes (at most `capacity`, oldest out), a model of what its KV cache holds.
 
-    It only sees this gateway's own traffic and guesses evictions by count (llm-d's "approximate"
-    prefix scorer works the same way); a replica that evicted a block sooner only costs that request
-    a prefill. Several gateway replicas each learn their own index, so a prefix may be placed once per
+    It only sees this gateway's own traffic and guesses evictions by count, as AIBrix's prefix-cache
+    router guesses from its own table; a replica that evicted a block sooner only costs that request a
+    prefill. Several gateway replicas each learn their own index, so a prefix may be placed once per
     gateway.
     """
 
