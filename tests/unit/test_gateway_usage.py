@@ -13,7 +13,13 @@ from kubeinfer.gateway.app import GatewaySettings, create_app
 from kubeinfer.gateway.logs import JSONFormatter
 from kubeinfer.gateway.registry import ModelEntry, Registry
 from kubeinfer.gateway.routing import Endpoint
-from kubeinfer.gateway.usage import SSEUsage, Usage, prepare_stream_request, usage_from_json
+from kubeinfer.gateway.usage import (
+    SSEUsage,
+    Usage,
+    prepare_stream_request,
+    stream_request_bytes,
+    usage_from_json,
+)
 from tests.cases import FIXTURES
 
 VLLM = FIXTURES / "vllm-0.32.0"
@@ -59,6 +65,39 @@ def test_anthropic_stream_usage():
     parser = SSEUsage(strip=True)
     assert _feed_in_pieces(parser, data) == data  # Anthropic events are never stripped
     assert parser.usage == Usage(12, 7)
+
+
+def test_usage_read_whatever_the_raw_bytes_look_like():
+    """The parser skips events by their raw bytes; these are the ones it must still read."""
+    events = [
+        b'data: {"choices":[{"delta":{"content":"a"}}],"usage":null}\n\n',  # OpenAI: null on every chunk
+        b'data: {"choices":[],"us\ndata: age":{"prompt_tokens":3,"completion_tokens":4}}\n\n',  # split
+        b'data: {"choices":[{"delta":{"content":"\\"usage\\":null"}}]}\n\n',
+    ]
+    parser = SSEUsage(strip=True)
+    out = _feed_in_pieces(parser, b"".join(events), size=5)
+    assert parser.usage == Usage(3, 4)
+    assert out == events[0] + events[2]  # the usage-only chunk was held back, the rest passed whole
+    # A typed event's null usage still counts (Anthropic: message_delta with no tokens yet).
+    parser = SSEUsage(strip=False)
+    parser.feed(b'data: {"type":"message_start","message":{"usage":{"input_tokens":9}}}\n\n')
+    parser.feed(b'data: {"type":"message_delta","usage":null}\n\n')
+    assert parser.usage == Usage(9, 0)
+
+
+def test_stream_request_bytes_splices_or_reencodes():
+    def check(raw: bytes) -> bytes:
+        body = json.loads(raw)
+        sent, _ = prepare_stream_request("chat/completions", body)
+        out = stream_request_bytes(raw, body, sent)
+        assert json.loads(out) == sent and list(json.loads(out)) == list(sent)
+        return out
+
+    raw = '{"model": "m", "stream": true, "messages": [{"content": "é"}]} \n'.encode()
+    assert check(raw).startswith(raw.rstrip()[:-1])  # the client's bytes, the option added at the end
+    assert check(b'{"model":"m","stream":true,"stream_options":{"x":1}}').startswith(b'{"model": "m"')
+    check(json.dumps({"model": "m", "stream": True}).encode("utf-16"))  # json.loads reads it: re-encoded
+    check(b'\xef\xbb\xbf{"model":"m","stream":true}')  # a UTF-8 BOM
 
 
 def test_prepare_asks_for_usage_only_on_streams():

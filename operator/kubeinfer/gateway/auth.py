@@ -60,6 +60,9 @@ class _Window:
             self.tokens.popleft()
 
 
+_ANONYMOUS_KEY = ApiKey(ANONYMOUS, "", allow_remote=True, admin=True)  # frozen: one for all requests
+
+
 class Denied(Exception):
     def __init__(self, status: int, code: str, message: str, retry_after: float | None = None):
         super().__init__(message)
@@ -126,7 +129,7 @@ class KeyStore:
     def authenticate(self, authorization: str | None) -> ApiKey:
         """The key of an `Authorization: Bearer ...` header (or `x-api-key`); raises Denied (401)."""
         if self.anonymous:
-            return ApiKey(ANONYMOUS, "", allow_remote=True, admin=True)
+            return _ANONYMOUS_KEY
         token = (authorization or "").removeprefix("Bearer ").strip()
         if not token:
             raise Denied(401, "invalid_api_key", "missing API key: send Authorization: Bearer <key>")
@@ -144,7 +147,7 @@ class KeyStore:
             raise Denied(
                 403, "remote_not_allowed", f"`{public_model}` is a remote model; this key may not use it"
             )
-        w = self._windows.setdefault(key.name, _Window())
+        w = self._window(key.name)
         w.trim(now)
         if key.requests_per_minute is not None and len(w.requests) >= key.requests_per_minute:
             raise Denied(429, "rate_limit_exceeded", "requests per minute exceeded",
@@ -155,4 +158,10 @@ class KeyStore:
         w.requests.append(now)
 
     def spend(self, key: ApiKey, tokens: int, now: float) -> None:
-        self._windows.setdefault(key.name, _Window()).tokens.append((now, tokens))
+        self._window(key.name).tokens.append((now, tokens))
+
+    def _window(self, name: str) -> _Window:
+        w = self._windows.get(name)
+        if w is None:  # not setdefault(name, _Window()): that builds two deques on every request
+            w = self._windows[name] = _Window()
+        return w

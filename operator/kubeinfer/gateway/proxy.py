@@ -14,6 +14,7 @@ response so the engine stops generating too.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import re
@@ -22,7 +23,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
 from kubeinfer.gateway import translate as tr
@@ -32,7 +33,14 @@ from kubeinfer.gateway.registry import ModelEntry
 from kubeinfer.gateway.routing import Endpoint, Load, RouteRequest, choose, prefix_blocks
 from kubeinfer.gateway.state import State
 from kubeinfer.gateway.upstream import UpstreamError, UpstreamResponse
-from kubeinfer.gateway.usage import SSEUsage, Usage, prepare_stream_request, usage_from_dict, usage_from_json
+from kubeinfer.gateway.usage import (
+    SSEUsage,
+    Usage,
+    prepare_stream_request,
+    stream_request_bytes,
+    usage_from_dict,
+    usage_from_json,
+)
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -46,6 +54,8 @@ USAGE_BODY_LIMIT = 1 << 20  # JSON bodies longer than this are passed on without
 # The client's API key is the gateway's business, never the engine's.
 _CLIENT_ONLY = {"accept-encoding", "authorization", "x-api-key"}
 _DROP_HEADERS = {"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te", "upgrade"}
+_NOT_FORWARDED = frozenset(h.encode() for h in _DROP_HEADERS | _CLIENT_ONLY)  # as ASGI gives names
+_DROP_WITH_TYPE = _DROP_HEADERS | {"content-type"}  # a translated body has its own content type
 
 _access_log = logging.getLogger("kubeinfer.gateway.access")
 
@@ -84,21 +94,34 @@ async def _read_body(request: Request, limit: int) -> bytes | None:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         return None
+    # What request.stream() does, without an async generator per request.
+    receive = request.receive
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
+    while True:
+        message = await receive()
+        if message["type"] == "http.request":
+            chunk = message.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > limit:
+                    return None
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+        elif message["type"] == "http.disconnect":
+            raise ClientDisconnect()
 
 
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+@functools.lru_cache(maxsize=256)  # called per request with the model's queueTimeout
 def parse_duration(text: str) -> float:
     """'30s', '5m', '1h30m', '500ms' -> seconds (the API's Duration format)."""
-    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
     total = 0.0
-    for number, unit in re.findall(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)", text):
-        total += float(number) * units[unit]
+    for number, unit in _DURATION.findall(text):
+        total += float(number) * _UNITS[unit]
     return total
 
 
@@ -235,9 +258,9 @@ async def _forward(
         upstream_path, translate = "chat/completions", path
     # Ask every stream for its usage (for the ledger); strip it again if the client did not ask.
     sent, strip_usage = prepare_stream_request(upstream_path, body_up)
-    if sent is not body:
-        raw = json.dumps(sent).encode()
-    headers = {k: v for k, v in request.headers.items() if k not in _DROP_HEADERS and k not in _CLIENT_ONLY}
+    headers = {
+        k.decode("latin-1"): v.decode("latin-1") for k, v in request.headers.raw if k not in _NOT_FORWARDED
+    }
     # The engine hop stays uncompressed, so usage can be read off the bytes.
     headers["accept-encoding"] = "identity"
     if entry.remote is not None:
@@ -245,10 +268,14 @@ async def _forward(
         raw = json.dumps({**sent, "model": entry.remote.model}).encode()
         if entry.remote.api_key:
             headers["authorization"] = f"Bearer {entry.remote.api_key}"
+    elif sent is not body:
+        raw = stream_request_bytes(raw, body, sent)
 
     tried: frozenset[str] = frozenset()
     last_error = "no ready replica"
-    queue = state.queues.setdefault(entry.name, ModelQueue())
+    queue = state.queues.get(entry.name)
+    if queue is None:
+        queue = state.queues[entry.name] = ModelQueue()
     timeout = state.settings.hold_timeout or parse_duration(entry.routing.queue_timeout)
     queue_wait = 0.0
     for attempt in range(state.settings.retries + 1):
@@ -270,7 +297,7 @@ async def _forward(
                 return error(503, f"no {what} of `{model}` within {exc.waited:.0f}s", "service_unavailable",
                              code=kind, headers={"Retry-After": "5"})  # fmt: skip
             queue_wait = time.monotonic() - arrived
-            state.queue_wait.labels(entry.name).observe(queue_wait)
+            state.queue_wait_for(entry.name).observe(queue_wait)
         else:
             # Retries go to another replica. If all the others are at their in-flight target, wait
             # for one in the queue (within the request's deadline, past maxQueue: it was admitted).
@@ -282,7 +309,7 @@ async def _forward(
             if retry is None:
                 break
             endpoint = retry
-            state.retries.labels(entry.name).inc()
+            state.retries_for(entry.name).inc()
         tried = tried | {endpoint.id}
         if entry.remote is not None:
             url = f"{entry.remote.base_url.rstrip('/')}/{upstream_path}"
@@ -303,11 +330,11 @@ async def _forward(
             state.release(entry.name, endpoint.id)
             last_error = f"replica {endpoint.id} answered {upstream.status}"
             continue
-        state.ttfb.labels(entry.name).observe(time.monotonic() - started)
-        state.requests.labels(entry.name, endpoint.id, str(upstream.status)).inc()
+        state.ttfb_for(entry.name).observe(time.monotonic() - started)
+        state.requests_for(entry.name, endpoint.id, upstream.status).inc()  # labels() str()s the code
         trace = Trace(entry, endpoint.id, key, path, arrived, queue_wait, attempt)
         is_sse = any(
-            k.lower() == "content-type" and v.startswith("text/event-stream") for k, v in upstream.headers
+            v.startswith("text/event-stream") and k.lower() == "content-type" for k, v in upstream.headers
         )
         relay: Relay
         if translate is not None and upstream.status == 200:
@@ -345,9 +372,7 @@ class PlainSSE:
 
     def __init__(self, strip_usage: bool) -> None:
         self._sse = SSEUsage(strip_usage)
-
-    def feed(self, chunk: bytes) -> bytes:
-        return self._sse.feed(chunk)
+        self.feed = self._sse.feed  # per chunk: no call through a wrapper
 
     def end(self) -> bytes:
         return self._sse.flush()
@@ -439,11 +464,12 @@ async def _relay(
     state: State, trace: Trace, upstream: UpstreamResponse, relay: Relay, receive: Receive, send: Send
 ) -> None:
     model, replica = trace.model.name, trace.replica
-    headers = [
-        (k.lower().encode("latin-1"), v.encode("latin-1"))
-        for k, v in upstream.headers
-        if k.lower() not in _DROP_HEADERS and not (relay.content_type and k.lower() == "content-type")
-    ]
+    drop = _DROP_WITH_TYPE if relay.content_type else _DROP_HEADERS
+    headers = []
+    for k, v in upstream.headers:
+        name = k.lower()
+        if name not in drop:
+            headers.append((name.encode("latin-1"), v.encode("latin-1")))
     if relay.content_type:
         headers.append((b"content-type", relay.content_type.encode()))
     headers.append((b"x-kubeinfer-replica", replica.encode()))
@@ -465,12 +491,13 @@ async def _relay(
         await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
         started = True
         try:
+            feed = relay.feed
             async for chunk in upstream.chunks():
-                out = relay.feed(chunk)
+                out = feed(chunk)
                 if out:
                     if trace.first_chunk is None:
                         trace.first_chunk = time.monotonic()
-                        state.ttft.labels(model, replica).observe(trace.first_chunk - trace.arrived)
+                        state.ttft_for(model, replica).observe(trace.first_chunk - trace.arrived)
                     await send({"type": "http.response.body", "body": out, "more_body": True})
             tail = relay.end()
         except (UpstreamError, ValueError) as exc:
@@ -511,13 +538,13 @@ async def _relay(
 def _finish(state: State, trace: Trace, status: int, outcome: str, usage: Usage | None) -> None:
     """Metrics and one structured access-log line per proxied request (never the key or the body)."""
     end = time.monotonic()
-    ttft = trace.first_chunk - trace.arrived if trace.first_chunk is not None else None
-    state.duration.labels(trace.model.name, trace.replica).observe(end - trace.arrived)
+    state.duration_for(trace.model.name, trace.replica).observe(end - trace.arrived)
     if usage is not None and usage.completion_tokens > 1 and trace.first_chunk is not None:
         generating = end - trace.first_chunk
         if generating > 0:
-            state.output_rate.labels(trace.model.name).observe((usage.completion_tokens - 1) / generating)
+            state.output_rate_for(trace.model.name).observe((usage.completion_tokens - 1) / generating)
     if _access_log.isEnabledFor(logging.INFO):
+        ttft = trace.first_chunk - trace.arrived if trace.first_chunk is not None else None
         _access_log.info(
             "request",
             extra={

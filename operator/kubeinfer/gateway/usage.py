@@ -53,6 +53,23 @@ def prepare_stream_request(path: str, body: dict[str, Any]) -> tuple[dict[str, A
     }, True
 
 
+def stream_request_bytes(raw: bytes, body: dict[str, Any], sent: dict[str, Any]) -> bytes:
+    """`sent` (prepare_stream_request of `body`, parsed from `raw`) as the bytes to send upstream.
+
+    When it only added `stream_options`, that is spliced onto the client's own bytes: re-serializing
+    a long prompt costs more CPU than the rest of the request. The value and key order are the same,
+    the spacing and escaping the client's. A body json.loads took that is not UTF-8 starting with `{`
+    (UTF-16/32, a BOM) is re-serialized as before.
+    """
+    if "stream_options" not in body and raw[:1] == b"{" and raw[1:2] != b"\x00":
+        end = len(raw)
+        while raw[end - 1] in b" \t\n\r":  # JSON's whitespace
+            end -= 1
+        if raw[end - 1] == ord("}"):  # one copy of the body, not three
+            return b"".join((memoryview(raw)[: end - 1], b',"stream_options":{"include_usage":true}}'))
+    return json.dumps(sent).encode()
+
+
 class SSEUsage:
     """Feed upstream SSE bytes, get back the bytes to send on; usage is collected on the way.
 
@@ -67,20 +84,39 @@ class SSEUsage:
         self._buffer = b""
 
     def feed(self, chunk: bytes) -> bytes:
-        self._buffer += chunk
-        out = []
-        while True:
-            cut = self._buffer.find(b"\n\n")
-            if cut < 0:
-                break
-            event, self._buffer = self._buffer[: cut + 2], self._buffer[cut + 2 :]
-            if self._inspect(event):
-                out.append(event)
-        return b"".join(out)
+        buf = self._buffer + chunk if self._buffer else chunk
+        start, cut = 0, buf.find(b"\n\n")
+        pieces: list[bytes] | None = None  # what is sent on, once an event has been held back
+        kept_from = 0
+        while cut >= 0:
+            end = cut + 2
+            if not self._keep(buf, start, end):
+                if pieces is None:
+                    pieces = []
+                pieces.append(buf[kept_from:start])
+                kept_from = end
+            start, cut = end, buf.find(b"\n\n", end)
+        self._buffer = buf[start:]
+        if pieces is None:
+            return buf[:start]  # the usual case: all whole events as one slice (or `chunk` itself)
+        pieces.append(buf[kept_from:start])
+        return b"".join(pieces)
 
     def flush(self) -> bytes:
         rest, self._buffer = self._buffer, b""
         return rest
+
+    def _keep(self, buf: bytes, start: int, end: int) -> bool:
+        """`_inspect` of the event buf[start:end], skipped (no copy, no JSON) when the raw bytes show
+        it cannot matter: no "usage" at all, or only `"usage":null` outside typed events (OpenAI's
+        chunks carry that on every token). With two data lines, their joining could make a "usage"."""
+        n = buf.count(b"usage", start, end)
+        if n and (
+            n != buf.count(b'"usage":null', start, end) + buf.count(b'"usage": null', start, end)
+            or buf.find(b'"type"', start, end) >= 0
+        ):
+            return self._inspect(buf[start:end])
+        return buf.count(b"data:", start, end) < 2 or self._inspect(buf[start:end])
 
     def _inspect(self, event: bytes) -> bool:
         """Record usage from one event; False if the event must not reach the client."""
