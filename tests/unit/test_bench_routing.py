@@ -10,6 +10,7 @@ import pytest
 from kubeinfer.bench import engines, plot, routing
 from kubeinfer.bench.routing import RoutingConfig, compare, placement, ratio_vs, reduction_vs
 from kubeinfer.cli import main
+from kubeinfer.gateway import routing as gateway_routing
 from kubeinfer.gateway.scrape import ReplicaStats
 
 
@@ -107,15 +108,19 @@ def test_engine_prompts_share_exactly_the_prefix_in_tokens(unit):
     assert engines.engine_prompts(24, 6, 300, 20, unit, seed=2) != ps
 
 
-def test_engine_prompts_of_a_group_share_the_gateway_key():
-    """The gateway's prefix-aware key is the prompt's first 2048 characters: the default prefix is longer."""
+def test_engine_prompts_of_a_group_share_the_gateway_prefix_blocks():
+    """What the gateway's prefix index sees: a group's prompts share the blocks of their prefix, and
+    groups differ from the first block on."""
     cfg = engines.EnginesConfig()
     ps = engines.engine_prompts(cfg.groups * 2, cfg.groups, cfg.prefix_tokens, cfg.question_tokens, "char")
-    keys: dict[int, set[str]] = {}
+    shared = cfg.prefix_tokens // gateway_routing.BLOCK_CHARS - 1  # the chat framing may shift it by a block
+    blocks: dict[int, set[tuple[int, ...]]] = {}
     for p in ps:
         assert p.prompt is not None and p.group is not None
-        keys.setdefault(p.group, set()).add(p.prompt[:2048])
-    assert all(len(k) == 1 for k in keys.values()) and len(keys) == cfg.groups
+        blocks.setdefault(p.group, set()).add(gateway_routing.prefix_blocks({"prompt": p.prompt})[:shared])
+    assert all(len(b) == 1 for b in blocks.values()) and len(blocks) == cfg.groups
+    firsts = {next(iter(b))[0] for b in blocks.values()}
+    assert len(firsts) == cfg.groups
 
 
 def test_num_blocks_from_vllm_metrics():
