@@ -415,7 +415,7 @@ async def test_metrics_under_load_show_the_queue():
 async def test_a_shared_prefix_is_served_from_the_cache_faster():
     system = words(2000)
 
-    async def ttft(client: httpx.AsyncClient, question: str) -> float:
+    async def ttft(client: httpx.AsyncClient, question: str, system: str) -> float:
         messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
         body = {"model": "sim", "max_tokens": 2, "stream": True, "messages": messages}
         start = time.perf_counter()
@@ -426,12 +426,15 @@ async def test_a_shared_prefix_is_served_from_the_cache_faster():
 
     async with running_sim(**FAST) as sim, httpx.AsyncClient(base_url=sim.url) as client:
         before = parse_metrics((await client.get("/metrics")).text)
-        cold = await ttft(client, "what is the first question")  # 2000 x 0.05 ms = 100 ms of prefill
-        warm = await ttft(client, "and a second one")
+        # The best of three each, so that one stall of a busy CI machine cannot decide the comparison.
+        cold = min(
+            [await ttft(client, "what is the first question", system=f"{k} {system}") for k in range(3)]
+        )
+        warm = min([await ttft(client, f"and question number {k}", system=f"0 {system}") for k in range(3)])
         after = parse_metrics((await client.get("/metrics")).text)
+    assert cold > 0.1  # 2000 x 0.05 ms = 100 ms of prefill
     assert warm < cold / 2, (cold, warm)
-    assert cold > 0.1
-    assert after.prefix_cache_hits - before.prefix_cache_hits == 2000
+    assert after.prefix_cache_hits - before.prefix_cache_hits == 3 * 2000
 
 
 async def test_a_client_that_goes_away_aborts_its_request():
