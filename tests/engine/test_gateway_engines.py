@@ -33,6 +33,7 @@ import openai
 import pytest
 import yaml
 
+from kubeinfer.devcluster import procs
 from kubeinfer.gateway.scrape import parse_metrics
 
 IGNORE_EOS = {"ignore_eos": True}
@@ -189,11 +190,7 @@ def gateway(
         yield gw
     finally:
         stalled.close()
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        procs.stop_process(proc, 10.0)
 
 
 MODELS = ["tiny-gguf", "tiny-vllm"]

@@ -19,6 +19,7 @@ import yaml
 
 from kubeinfer import contract, kube
 from kubeinfer.crdgen import crd
+from kubeinfer.devcluster import procs
 
 
 def free_port() -> int:
@@ -56,13 +57,8 @@ class OperatorProcess:
         raise TimeoutError(f"operator not live after {timeout}s:\n{self.tail()}")
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            procs.stop_process(self.proc, 15.0)
 
     def restart(self) -> None:
         self.stop()
