@@ -368,6 +368,12 @@ async def test_engine_metrics_are_scraped_under_load(gateway: Gateway) -> None:
     watcher = asyncio.create_task(watch(stop))
     # 12 requests over 2 llama-servers with 4 slots each, and 12 on vLLM's 8 sequences: both queue.
     results = await asyncio.gather(_fire(gateway, "tiny-gguf", 12, 300), _fire(gateway, "tiny-vllm", 12, 300))
+    # On a quiet machine a batch can end between two scrapes (CI once saw vLLM idle throughout):
+    # more batches, until a scrape has seen each engine busy.
+    for _ in range(4):
+        if all(seen[m]["running"] > 0 for m in MODELS) and seen["tiny-vllm"]["kv"] > 0:
+            break
+        results += await asyncio.gather(*(_fire(gateway, m, 12, 300) for m in MODELS))
     stop.set()
     await watcher
     bad = [(r.status_code, r.text[:200]) for batch in results for r in batch if r.status_code != 200]
