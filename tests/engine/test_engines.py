@@ -111,11 +111,18 @@ def test_llama_completions(llama_server: str) -> None:
 
 
 async def _load_and_watch(
-    base_url: str, model: str, n: int, max_tokens: int, prompt: str
+    base_url: str, model: str, n: int, max_tokens: int, prompt: str, batches: int = 4
 ) -> tuple[list[ReplicaStats], list[Any]]:
-    """Send n concurrent completions; scrape /metrics all the while. Returns (scrapes, responses)."""
+    """Send n concurrent completions while a watcher scrapes /metrics. Returns (scrapes, responses).
+
+    A batch can start and end between two scrapes (a busy engine answers its scrape late, and a
+    quiet one finishes fast): up to `batches` batches are sent, until a scrape has seen requests
+    both running and waiting.
+    """
     scrapes: list[ReplicaStats] = []
-    async with _async_client(base_url) as client, httpx.AsyncClient(timeout=10) as http:
+    responses: list[Any] = []
+    stop = asyncio.Event()
+    async with _async_client(base_url) as client, httpx.AsyncClient(timeout=60) as http:
 
         async def one(i: int) -> Any:
             return await client.completions.create(
@@ -126,13 +133,22 @@ async def _load_and_watch(
                 extra_body=IGNORE_EOS,
             )
 
-        tasks = [asyncio.create_task(one(i)) for i in range(n)]
-        while not all(t.done() for t in tasks):
-            r = await http.get(f"{base_url}/metrics")
-            r.raise_for_status()
-            scrapes.append(parse_metrics(r.text))
-            await asyncio.sleep(0.05)
-        responses = await asyncio.gather(*tasks)
+        async def watch() -> None:
+            while not stop.is_set():
+                r = await http.get(f"{base_url}/metrics")
+                r.raise_for_status()
+                scrapes.append(parse_metrics(r.text))
+                await asyncio.sleep(0.05)
+
+        watcher = asyncio.create_task(watch())
+        try:
+            for b in range(batches):
+                responses += await asyncio.gather(*(one(b * n + i) for i in range(n)))
+                if any(s.running > 0 for s in scrapes) and any(s.waiting > 0 for s in scrapes):
+                    break
+        finally:
+            stop.set()
+            await watcher
     return scrapes, responses
 
 
@@ -265,9 +281,9 @@ def test_vllm_metrics_prefix_cache(vllm_server: Any) -> None:
 
 async def test_vllm_metrics_under_load(vllm_server: Any) -> None:
     """24 requests against --max-num-seqs 8: the scrape shows 8 running and the rest waiting."""
-    # Two full batches of 400 tokens each (the prompt is ~20 byte tokens; --max-model-len 512): with
-    # short answers the tiny model is done before a scrape of the busy server returns.
-    # Three batches, so requests still wait after a slow scrape of the busy server has come back.
+    # 400 tokens each (the prompt is ~20 byte tokens; --max-model-len 512): with short answers the
+    # tiny model is done before a scrape of the busy server returns. 24 requests are three waves of
+    # 8, so requests still wait after a slow scrape has come back.
     scrapes, responses = await _load_and_watch(vllm_server.base_url, VLLM_MODEL, 24, 400, "Tell me a story")
     assert all(r.usage.completion_tokens == 400 for r in responses)
     max_running = max(s.running for s in scrapes)
