@@ -23,6 +23,7 @@ import httpx
 import pytest
 import yaml
 
+from kubeinfer import contract
 from kubeinfer.devcluster import procs
 from kubeinfer.devcluster.build import BuildError
 from kubeinfer.engines.llamacpp import ensure_llama_server, vocab_gguf
@@ -38,7 +39,9 @@ VLLM_HOST = "127.0.0.9"
 LLAMA_STARTUP_SECONDS = 60.0
 VLLM_STARTUP_SECONDS = 300.0
 # What tests/engine runs llama-server with; the same flags as the rendered examples/tiny-gguf-cpu.yaml.
-LLAMA_TEST_ARGS = ("--metrics", "-c", "2048", "-np", "4", "--alias", "tiny-gguf")
+# The HTTP threads the operator would render for 4 slots (see contract.llama_http_threads).
+LLAMA_TEST_ARGS = ("--metrics", "-c", "2048", "-np", "4", "--alias", "tiny-gguf",
+                   "--threads-http", str(contract.llama_http_threads(4)))  # fmt: skip
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -209,6 +209,7 @@ def test_llama_flags_exist_and_are_not_removed():
         "--reasoning-format",
         "--reasoning",
         "--chat-template-kwargs",
+        "--threads-http",
     } <= seen
 
 
@@ -222,6 +223,20 @@ def test_llama_context_is_per_slot():
     args = llama_server_args(model)
     assert args[args.index("-c") + 1] == "8192"
     assert args[args.index("-np") + 1] == "4"
+
+
+@pytest.mark.parametrize(
+    "extra,threads",
+    [
+        ({}, 4 * 33),  # no maxNumSeqs: the gateway keeps 32 in flight
+        ({"maxNumSeqs": 4}, 64),  # the floor
+        ({"maxNumSeqs": 4, "routing": {"targetInflight": 40}}, 4 * 41),  # the gateway's target wins
+    ],
+)
+def test_llama_http_threads_cover_the_gateways_connections(extra, threads):
+    model = parse_model(manifest("m", {"engine": "llama-server", "model": {"source": "o/m:Q8_0"}, **extra}))
+    args = llama_server_args(model)
+    assert args[args.index("--threads-http") + 1] == str(threads)
 
 
 @pytest.mark.parametrize(

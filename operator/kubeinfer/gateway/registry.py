@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from kubeinfer import contract
 from kubeinfer.api.v1alpha1 import Pricing, RemoteAPI, Routing
 from kubeinfer.gateway.auth import ApiKey
 from kubeinfer.gateway.routing import Endpoint
@@ -104,7 +105,7 @@ class ModelEntry:
 
     @property
     def target_inflight(self) -> int:
-        return self.routing.target_inflight or self.max_num_seqs or 32
+        return self.routing.target_inflight or self.max_num_seqs or contract.DEFAULT_TARGET_INFLIGHT
 
     @property
     def accepts_images(self) -> bool:

@@ -19,6 +19,8 @@ from typing import Protocol
 import aiohttp
 import httpx
 
+from kubeinfer import contract
+
 
 class UpstreamError(Exception):
     """Connection, protocol or timeout failure talking to a replica."""
@@ -68,7 +70,9 @@ class _AiohttpResponse:
 class AiohttpUpstream:
     def __init__(self, connect_timeout: float, read_timeout: float) -> None:
         # No pool limit: admission control (targetInflight per replica) already bounds concurrency.
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=True)
+        connector = aiohttp.TCPConnector(
+            limit=0, keepalive_timeout=contract.UPSTREAM_KEEPALIVE_SECONDS, enable_cleanup_closed=True
+        )
         self._session = aiohttp.ClientSession(
             connector=connector,
             # Bodies pass through as they are: no decompression, no added headers, no cookie jar.
