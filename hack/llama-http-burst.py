@@ -1,0 +1,101 @@
+"""How often a fresh llama-server leaves a burst of new connections unanswered (docs/gateway.md).
+
+Starts N fresh llama-servers one after another (tiny random model, -np 4) and sends each a burst of
+24 concurrent chat requests through one aiohttp pool, as the gateway does, while /metrics is scraped
+every 0.2 s. Prints, per server, the slowest request; a server stalls if any request takes over 10 s.
+
+    .venv/bin/python hack/llama-http-burst.py --servers 12                      # llama-server's default
+    .venv/bin/python hack/llama-http-burst.py --servers 12 --threads-http 64    # what the operator renders
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import httpx
+
+from kubeinfer.devcluster import procs
+from kubeinfer.engines.llamacpp import ensure_llama_server, vocab_gguf
+from kubeinfer.engines.tinymodels import make_tiny_gguf
+
+HOST = "127.0.0.71"
+BURST = 24
+BODY = {"messages": [{"role": "user", "content": "Go on."}], "max_tokens": 30, "ignore_eos": True}
+
+
+async def burst(url: str) -> float:
+    """The slowest of BURST concurrent requests (40 s if any did not finish in 40 s)."""
+    timeout = aiohttp.ClientTimeout(total=40)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
+        done = asyncio.Event()
+
+        async def scrape() -> None:
+            while not done.is_set():
+                async with session.get(f"{url}/metrics") as r:
+                    await r.read()
+                await asyncio.sleep(0.2)
+
+        async def one() -> float:
+            started = time.monotonic()
+            try:
+                async with session.post(f"{url}/v1/chat/completions", json=BODY) as r:
+                    await r.read()
+            except TimeoutError:
+                return 40.0
+            return time.monotonic() - started
+
+        scraper = asyncio.create_task(scrape())
+        slowest = max(await asyncio.gather(*(one() for _ in range(BURST))))
+        done.set()
+        await scraper
+        return slowest
+
+
+def main() -> None:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    parser.add_argument("--servers", type=int, default=12)
+    parser.add_argument("--threads-http", type=int, default=None, help="passed to llama-server if given")
+    args = parser.parse_args()
+    binary = ensure_llama_server()
+    work = Path(tempfile.mkdtemp(prefix="llama-burst-"))
+    model = make_tiny_gguf(work / "tiny.gguf", vocab_gguf())
+    extra = ["--threads-http", str(args.threads_http)] if args.threads_http else []
+    stalled = 0
+    for n in range(args.servers):
+        with socket.socket() as s:
+            s.bind((HOST, 0))
+            port = s.getsockname()[1]
+        argv = [str(binary), "-m", str(model), "--host", HOST, "--port", str(port), "--metrics",
+                "-c", "16384", "-np", "4", *extra]  # fmt: skip
+        with (work / "llama-server.log").open("ab") as log:
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            url = f"http://{HOST}:{port}"
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"llama-server did not start; see {work / 'llama-server.log'}")
+                time.sleep(0.1)
+            slowest = asyncio.run(burst(url))
+        finally:
+            procs.stop_process(proc, 5.0)
+        stalled += slowest > 10
+        print(f"server {n}: slowest of {BURST} requests {slowest:.1f} s", flush=True)
+    print(f"{stalled} of {args.servers} servers stalled (a request over 10 s)")
+
+
+if __name__ == "__main__":
+    main()
