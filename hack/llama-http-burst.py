@@ -4,8 +4,8 @@ Starts N fresh llama-servers one after another (tiny random model, -np 4) and se
 24 concurrent chat requests through one aiohttp pool, as the gateway does, while /metrics is scraped
 every 0.2 s. Prints, per server, the slowest request; a server stalls if any request takes over 10 s.
 
-    .venv/bin/python hack/llama-http-burst.py --servers 12                      # llama-server's default
-    .venv/bin/python hack/llama-http-burst.py --servers 12 --threads-http 64    # what the operator renders
+    .venv/bin/python hack/llama-http-burst.py --servers 12 --keepalive 60                     # stalls
+    .venv/bin/python hack/llama-http-burst.py --servers 12 --keepalive 60 --threads-http 64   # does not
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 import aiohttp
 import httpx
 
+from kubeinfer import contract
 from kubeinfer.devcluster import procs
 from kubeinfer.engines.llamacpp import ensure_llama_server, vocab_gguf
 from kubeinfer.engines.tinymodels import make_tiny_gguf
@@ -30,10 +31,11 @@ BURST = 24
 BODY = {"messages": [{"role": "user", "content": "Go on."}], "max_tokens": 30, "ignore_eos": True}
 
 
-async def burst(url: str) -> float:
+async def burst(url: str, keepalive: float) -> float:
     """The slowest of BURST concurrent requests (40 s if any did not finish in 40 s)."""
     timeout = aiohttp.ClientTimeout(total=40)
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=keepalive)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         done = asyncio.Event()
 
         async def scrape() -> None:
@@ -63,6 +65,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     parser.add_argument("--servers", type=int, default=12)
     parser.add_argument("--threads-http", type=int, default=None, help="passed to llama-server if given")
+    parser.add_argument("--keepalive", type=float, default=contract.UPSTREAM_KEEPALIVE_SECONDS,
+                        help="idle connections kept this long (default: the gateway's)")  # fmt: skip
     args = parser.parse_args()
     binary = ensure_llama_server()
     work = Path(tempfile.mkdtemp(prefix="llama-burst-"))
@@ -89,7 +93,7 @@ def main() -> None:
                 if time.monotonic() > deadline:
                     raise SystemExit(f"llama-server did not start; see {work / 'llama-server.log'}")
                 time.sleep(0.1)
-            slowest = asyncio.run(burst(url))
+            slowest = asyncio.run(burst(url, args.keepalive))
         finally:
             procs.stop_process(proc, 5.0)
         stalled += slowest > 10

@@ -65,10 +65,10 @@ def llama_http_threads(target_inflight: int) -> int:
 
     llama-server serves each connection on its own thread. Past its fixed threads it should add
     dynamic ones, but a burst of new connections can stay queued behind threads that keep-alive
-    connections hold, for a minute or more. Measured with bursts of 24 requests through one
-    aiohttp pool at fresh servers with -np 4: with the default 8 fixed threads, 4 of 19 servers
-    left requests unanswered for 20 s or more (once 17 of the 24 for over 40 s); with 64, none
-    of 18. Room for four gateway pods, each with targetInflight requests and a scrape.
+    connections hold, for a minute or more. Measured with hack/llama-http-burst.py (24 requests at
+    once at fresh -np 4 servers, idle connections kept 60 s): with the default 8 fixed threads 6
+    of 31 servers stalled, with 64 none of 30. Room for four gateway pods, each with
+    targetInflight requests and a scrape.
     """
     return max(64, 4 * (target_inflight + 1))
 
