@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import socket
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +29,10 @@ from kubeinfer.engines.tinymodels import make_tiny_gguf
 HOST = "127.0.0.71"
 BURST = 24
 BODY = {"messages": [{"role": "user", "content": "Go on."}], "max_tokens": 30, "ignore_eos": True}
+
+
+def healthy(url: str) -> bool:
+    return httpx.get(f"{url}/health", timeout=1).status_code == 200
 
 
 async def burst(url: str, keepalive: float) -> float:
@@ -79,23 +83,13 @@ def main() -> None:
             port = s.getsockname()[1]
         argv = [str(binary), "-m", str(model), "--host", HOST, "--port", str(port), "--metrics",
                 "-c", "16384", "-np", "4", *extra]  # fmt: skip
-        with (work / "llama-server.log").open("ab") as log:
-            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        server = procs.Child("llama-server", argv, work / "llama-server.log").start()
         try:
             url = f"http://{HOST}:{port}"
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"llama-server did not start; see {work / 'llama-server.log'}")
-                time.sleep(0.1)
+            procs.wait_until("llama-server /health", functools.partial(healthy, url), 60, child=server)
             slowest = asyncio.run(burst(url, args.keepalive))
         finally:
-            procs.stop_process(proc, 5.0)
+            server.stop(5.0)
         stalled += slowest > 10
         print(f"server {n}: slowest of {BURST} requests {slowest:.1f} s", flush=True)
     print(f"{stalled} of {args.servers} servers stalled (a request over 10 s)")
