@@ -55,6 +55,13 @@ HEALTH_PATH: Final = "/health"
 # Requests the gateway keeps in flight per replica when neither routing.targetInflight nor
 # maxNumSeqs says.
 DEFAULT_TARGET_INFLIGHT: Final = 32
+
+
+def target_inflight(routing_target: int | None, max_num_seqs: int | None) -> int:
+    """Requests the gateway keeps in flight per replica (the operator sizes llama-server by it)."""
+    return routing_target or max_num_seqs or DEFAULT_TARGET_INFLIGHT
+
+
 # Engines close idle keep-alive connections after 5 s (cpp-httplib's and uvicorn's default); the
 # gateway drops its idle upstream connections first, so it never reuses one the engine is closing.
 UPSTREAM_KEEPALIVE_SECONDS: Final = 4.0

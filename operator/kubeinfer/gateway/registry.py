@@ -105,7 +105,7 @@ class ModelEntry:
 
     @property
     def target_inflight(self) -> int:
-        return self.routing.target_inflight or self.max_num_seqs or contract.DEFAULT_TARGET_INFLIGHT
+        return contract.target_inflight(self.routing.target_inflight, self.max_num_seqs)
 
     @property
     def accepts_images(self) -> bool:

@@ -155,8 +155,7 @@ def llama_server_args(model: LLMModel) -> list[str]:
     if spec.max_num_batched_tokens is not None:
         args += ["-b", str(spec.max_num_batched_tokens)]
     # One HTTP thread per connection the gateways may hold (see contract.llama_http_threads).
-    target = spec.routing.target_inflight if spec.routing else None
-    target = target or slots or contract.DEFAULT_TARGET_INFLIGHT
+    target = contract.target_inflight(spec.routing.target_inflight if spec.routing else None, slots)
     args += ["--threads-http", str(contract.llama_http_threads(target))]
 
     if spec.resources.gpus > 0:
