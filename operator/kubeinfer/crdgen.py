@@ -14,7 +14,8 @@ from typing import Any
 import yaml
 
 from kubeinfer import contract
-from kubeinfer.api.v1alpha1 import QUANTITY_RE, LLMModelSpec, LLMModelStatus
+from kubeinfer.api.fields import QUANTITY_RE
+from kubeinfer.api.v1alpha1 import LLMModelSpec, LLMModelStatus
 
 Schema = dict[str, Any]
 

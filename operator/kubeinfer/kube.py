@@ -89,6 +89,30 @@ async def apply(api: client.ApiClient, obj: dict[str, Any]) -> dict[str, Any]:
     return await _json(out)
 
 
+async def get_child(api: client.ApiClient, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+    """A child of any kind kubeinfer applies, or None if it does not exist."""
+    calls = {
+        "Deployment": client.AppsV1Api(api).read_namespaced_deployment,
+        "Service": client.CoreV1Api(api).read_namespaced_service,
+        "PodDisruptionBudget": client.PolicyV1Api(api).read_namespaced_pod_disruption_budget,
+    }
+    try:
+        return await _json(await calls[kind](name, namespace, **RAW))
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+def api_error_message(exc: ApiException) -> str:
+    """The apiserver's own words for a refused request (its Status message), else the reason."""
+    try:
+        message = json.loads(exc.body or "{}").get("message")
+    except (ValueError, AttributeError):
+        message = None
+    return str(message or exc.reason or exc.status)
+
+
 async def delete_children(
     api: client.ApiClient, namespace: str, name: str, kinds: tuple[str, ...]
 ) -> list[str]:

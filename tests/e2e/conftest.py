@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from kubeinfer.devcluster import procs
-from kubeinfer.devcluster.stack import Layout
+from kubeinfer_devkit.devcluster import procs
+from kubeinfer_devkit.devcluster.stackstate import Layout
 from tests.e2e.support import TIMINGS, LocalStack
 
 _HERE = Path(__file__).resolve().parent

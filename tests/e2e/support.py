@@ -19,7 +19,7 @@ import httpx
 import yaml
 
 from kubeinfer import contract
-from kubeinfer.devcluster.stack import Layout
+from kubeinfer_devkit.devcluster.stackstate import Layout
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 EXAMPLES = ROOT / "examples"

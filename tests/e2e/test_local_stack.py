@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 
 from kubeinfer import contract
-from kubeinfer.devcluster import procs
+from kubeinfer_devkit.devcluster import procs
 from tests.e2e.conftest import start_stack
 from tests.e2e.support import (
     EXAMPLES,

@@ -24,13 +24,13 @@ import pytest
 import yaml
 
 from kubeinfer import contract
-from kubeinfer.devcluster import procs
-from kubeinfer.devcluster.build import BuildError
-from kubeinfer.engines.llamacpp import ensure_llama_server, vocab_gguf
-from kubeinfer.engines.tinymodels import make_tiny_gguf, make_tiny_hf_llama
 from kubeinfer.render.engines import llama_server_args, vllm_args
 from kubeinfer.render.source import parse_source
 from kubeinfer.validation import parse_model
+from kubeinfer_devkit.devcluster import procs
+from kubeinfer_devkit.devcluster.build import BuildError
+from kubeinfer_devkit.engines.llamacpp import ensure_llama_server, vocab_gguf
+from kubeinfer_devkit.engines.tinymodels import make_tiny_gguf, make_tiny_hf_llama
 
 _HERE = Path(__file__).resolve().parent
 _ROOT = _HERE.parent.parent

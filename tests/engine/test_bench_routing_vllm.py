@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from kubeinfer.bench.engines import EnginesConfig, format_engines, run_engines
+from kubeinfer_devkit.bench.engines import EnginesConfig, format_engines, run_engines
 
 
 async def test_prefix_aware_routing_raises_vllm_prefix_cache_hits(

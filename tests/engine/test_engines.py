@@ -17,8 +17,8 @@ from urllib.parse import urlsplit
 import httpx
 import openai
 
-from kubeinfer.engines.tinymodels import make_tiny_gguf
 from kubeinfer.gateway.scrape import ReplicaStats, parse_metrics
+from kubeinfer_devkit.engines.tinymodels import make_tiny_gguf
 
 GGUF_MODEL = "tiny-gguf"
 VLLM_MODEL = "tiny-vllm"
@@ -211,7 +211,7 @@ def test_rendered_llama_server_args_run(
 
 
 def test_tiny_gguf_is_deterministic(tiny_gguf: Path, tmp_path: Path) -> None:
-    from kubeinfer.engines.llamacpp import vocab_gguf
+    from kubeinfer_devkit.engines.llamacpp import vocab_gguf
 
     same = make_tiny_gguf(tmp_path / "same.gguf", vocab_gguf(), seed=0)
     other = make_tiny_gguf(tmp_path / "other.gguf", vocab_gguf(), seed=1)

@@ -34,8 +34,8 @@ import pytest
 import yaml
 
 from kubeinfer import contract
-from kubeinfer.devcluster import procs
 from kubeinfer.gateway.scrape import parse_metrics
+from kubeinfer_devkit.devcluster import procs
 
 IGNORE_EOS = {"ignore_eos": True}
 GATEWAY_HOST = "127.0.0.1"

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from kubernetes_asyncio import client, config
 
-from kubeinfer.devcluster.build import BuildError, ensure_binaries
-from kubeinfer.devcluster.controlplane import ControlPlane
+from kubeinfer_devkit.devcluster.build import BuildError, ensure_binaries
+from kubeinfer_devkit.devcluster.controlplane import ControlPlane
 
 _HERE = Path(__file__).resolve().parent
 

@@ -28,7 +28,7 @@ import pytest
 import yaml
 
 from kubeinfer import contract
-from kubeinfer.devcluster.controlplane import ControlPlane
+from kubeinfer_devkit.devcluster.controlplane import ControlPlane
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "kubeinfer"

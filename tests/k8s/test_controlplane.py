@@ -10,8 +10,8 @@ from collections.abc import Awaitable, Callable
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from kubeinfer.devcluster.build import HELM_VERSION, KUBERNETES_VERSION
-from kubeinfer.devcluster.controlplane import ControlPlane
+from kubeinfer_devkit.devcluster.build import HELM_VERSION, KUBERNETES_VERSION
+from kubeinfer_devkit.devcluster.controlplane import ControlPlane
 
 WaitFor = Callable[..., Awaitable[object]]
 

@@ -26,9 +26,9 @@ import pytest
 from kubernetes_asyncio import client
 
 from kubeinfer import contract
-from kubeinfer.devcluster.build import BuildError
-from kubeinfer.engines.llamacpp import ensure_llama_server, vocab_gguf
-from kubeinfer.engines.tinymodels import make_tiny_gguf
+from kubeinfer_devkit.devcluster.build import BuildError
+from kubeinfer_devkit.engines.llamacpp import ensure_llama_server, vocab_gguf
+from kubeinfer_devkit.engines.tinymodels import make_tiny_gguf
 from tests.k8s_support import ensure_namespace, install_crd
 
 NS = "gw-routing"

@@ -395,3 +395,108 @@ async def test_gateway_discovers_what_the_operator_runs(api, wait_for):
             assert entry.engine == "llama-server" and entry.max_num_seqs == 4
         finally:
             task.cancel()
+
+
+async def test_foreign_deployment_is_reported_not_taken_over(api, wait_for):
+    """A Deployment of the child's name that another controller owns is left alone and explained in the
+    status (never a crash loop); once it is gone the operator creates its own."""
+    name = "tiny-h"
+    child = contract.child_name(name)
+    core, apps = client.CoreV1Api(api), client.AppsV1Api(api)
+    owner = await core.create_namespaced_config_map(NS, {"metadata": {"name": "foreign-owner"}})
+    labels = {"app": "someone-else"}
+    foreign = {
+        "metadata": {
+            "name": child,
+            "ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap", "name": "foreign-owner",
+                                 "uid": owner.metadata.uid, "controller": True}],
+        },
+        "spec": {
+            "replicas": 0, "selector": {"matchLabels": labels},
+            "template": {"metadata": {"labels": labels},
+                         "spec": {"containers": [{"name": "app", "image": "example.invalid/app:1"}]}},
+        },
+    }  # fmt: skip
+    await apps.create_namespaced_deployment(NS, foreign)
+    try:
+        async with created(api, tiny(name)):
+
+            async def conflict():
+                obj = await _get(api, name)
+                return obj if _cond(obj, "Degraded").get("reason") == "ChildConflict" else None
+
+            obj = await wait_for(conflict, timeout=30, what="Degraded ChildConflict")
+            ready, degraded = _cond(obj, "Ready"), _cond(obj, "Degraded")
+            assert (ready["status"], ready["reason"]) == ("False", "ChildConflict")
+            assert degraded["status"] == "True" and "ConfigMap foreign-owner" in degraded["message"]
+            dep = await apps.read_namespaced_deployment(child, NS)
+            assert [r.uid for r in dep.metadata.owner_references] == [owner.metadata.uid]
+            assert dep.spec.template.spec.containers[0].image == "example.invalid/app:1"
+            # The owner removes its object: the next pass creates the model's own Deployment.
+            await apps.delete_namespaced_deployment(child, NS, propagation_policy="Foreground")
+            await wait_for(await _ready(api, name), timeout=90, what="model Ready on its own Deployment")
+            dep = await apps.read_namespaced_deployment(child, NS)
+            assert [r.kind for r in dep.metadata.owner_references] == ["LLMModel"]
+    finally:
+        with contextlib.suppress(ApiException):
+            await apps.delete_namespaced_deployment(child, NS)
+        await core.delete_namespaced_config_map("foreign-owner", NS)
+
+
+async def test_hand_edited_service_is_repaired(api, wait_for):
+    name = "tiny-i"
+    child = contract.child_name(name)
+    core = client.CoreV1Api(api)
+
+    async def service():
+        try:
+            return await core.read_namespaced_service(child, NS)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    async with created(api, tiny(name)):
+        svc = await wait_for(service, timeout=30, what="Service")
+        want_ports = [(p.port, p.target_port) for p in svc.spec.ports]
+        want_selector = dict(svc.spec.selector)
+        key = sorted(want_selector)[0]
+        # What `kubectl edit` would do: change values the operator owns (JSON patch: exact paths).
+        patch = [
+            {"op": "replace", "path": f"/spec/selector/{key.replace('/', '~1')}", "value": "elsewhere"},
+            {"op": "replace", "path": "/spec/ports/0/targetPort", "value": 9999},
+        ]
+        await core.patch_namespaced_service(child, NS, patch)
+        edited = await core.read_namespaced_service(child, NS)
+        assert edited.spec.selector[key] == "elsewhere" and edited.spec.ports[0].target_port == 9999
+
+        async def repaired():
+            s = await service()
+            ok = s and dict(s.spec.selector) == want_selector
+            return s if ok and [(p.port, p.target_port) for p in s.spec.ports] == want_ports else None
+
+        await wait_for(repaired, timeout=15, what="Service selector restored")
+        await core.delete_namespaced_service(child, NS)
+        await asyncio.sleep(0.5)
+        await wait_for(repaired, timeout=15, what="Service recreated")
+
+
+async def test_status_written_by_someone_else_is_corrected(api, wait_for):
+    name = "tiny-j"
+    async with created(api, tiny(name)):
+        await wait_for(await _ready(api, name), timeout=90, what="model Ready")
+        bogus = {"status": {"readyReplicas": 0, "conditions": [
+            {"type": "Ready", "status": "False", "reason": "Hacked", "message": "written by hand",
+             "lastTransitionTime": "2020-01-01T00:00:00Z"}]}}  # fmt: skip
+        await client.CustomObjectsApi(api).patch_namespaced_custom_object_status(
+            G, V, NS, P, name, bogus, _content_type=MERGE
+        )
+        obj = await _get(api, name)
+        assert _cond(obj, "Ready").get("reason") == "Hacked"  # the write went through
+        obj = await wait_for(await _ready(api, name), timeout=30, what="status corrected")
+        assert {c["type"] for c in obj["status"]["conditions"]} == {
+            "ResourcesFit",
+            "Ready",
+            "Progressing",
+            "Degraded",
+        }

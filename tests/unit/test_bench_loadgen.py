@@ -27,20 +27,19 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from kubeinfer.bench import datasets, stats
-from kubeinfer.bench.datasets import DatasetError, Prompt
-from kubeinfer.bench.loadgen import (
+from kubeinfer.cli import main
+from kubeinfer_devkit.bench import datasets, stats
+from kubeinfer_devkit.bench.client import SSEReader, http_error
+from kubeinfer_devkit.bench.datasets import DatasetError, Prompt
+from kubeinfer_devkit.bench.loadgen import (
     BenchResult,
     LoadConfig,
-    _http_error,
-    _Stream,
     arrival_times,
     request_body,
     run_load,
     run_repeats,
 )
-from kubeinfer.bench.report import format_table
-from kubeinfer.cli import main
+from kubeinfer_devkit.bench.report import format_table
 from tests.cases import FIXTURES
 
 # --- stats -------------------------------------------------------------------------------------
@@ -215,8 +214,8 @@ def test_config_validation_and_dict_hide_the_api_key():
     assert "secret" not in json.dumps(d) and d["api_key"] == "set"
 
 
-def _read(text: bytes, piece: int) -> _Stream:
-    s = _Stream()
+def _read(text: bytes, piece: int) -> SSEReader:
+    s = SSEReader()
     for i in range(0, len(text), piece):
         s.feed(text[i : i + piece], float(i))
     s.close(float(len(text)))
@@ -244,10 +243,10 @@ def test_stream_reader_error_events():
 
 def test_http_errors_keep_only_codes_that_add_something():
     vllm_400 = (FIXTURES / "vllm-0.32.0" / "error_too_long.txt").read_bytes().splitlines()[0]
-    assert _http_error(400, vllm_400) == "http_400"  # vLLM's code repeats the status
-    assert _http_error(503, b'{"error": {"code": 50}}') == "http_503:50"
-    assert _http_error(429, b'{"error": {"code": "rate_limit_exceeded"}}') == "http_429:rate_limit_exceeded"
-    assert _http_error(502, b"<html>bad gateway</html>") == "http_502"
+    assert http_error(400, vllm_400) == "http_400"  # vLLM's code repeats the status
+    assert http_error(503, b'{"error": {"code": 50}}') == "http_503:50"
+    assert http_error(429, b'{"error": {"code": "rate_limit_exceeded"}}') == "http_429:rate_limit_exceeded"
+    assert http_error(502, b"<html>bad gateway</html>") == "http_502"
 
 
 # --- the fake OpenAI server --------------------------------------------------------------------

@@ -10,11 +10,18 @@ import os
 import httpx
 import pytest
 
-from kubeinfer.bench import fleet, overhead
-from kubeinfer.bench.overhead import Sample, added, check_goals, per_unit_us, slot_schedule, summarize_phase
 from kubeinfer.cli import main
 from kubeinfer.gateway.registry import StaticDiscovery
 from kubeinfer.gateway.scrape import parse_metrics
+from kubeinfer_devkit.bench import fleet, overhead
+from kubeinfer_devkit.bench.overhead import (
+    Sample,
+    added,
+    check_goals,
+    per_unit_us,
+    slot_schedule,
+    summarize_phase,
+)
 
 # A real /proc/PID/stat line whose command name holds a space and a parenthesis.
 STAT = (

@@ -7,11 +7,11 @@ import json
 
 import pytest
 
-from kubeinfer.bench import engines, plot, routing
-from kubeinfer.bench.routing import RoutingConfig, compare, placement, ratio_vs, reduction_vs
 from kubeinfer.cli import main
 from kubeinfer.gateway import routing as gateway_routing
 from kubeinfer.gateway.scrape import ReplicaStats
+from kubeinfer_devkit.bench import engines, plot, routing
+from kubeinfer_devkit.bench.routing import RoutingConfig, compare, placement, ratio_vs, reduction_vs
 
 
 def test_reduction_and_gain_ratios():

@@ -1,7 +1,7 @@
 """The Helm chart charts/kubeinfer, without a cluster: `helm lint`, `helm template` and the values
 schema, plus the contracts between the chart and the package (operator configuration, CRD copy).
 
-Uses the helm binary that kubeinfer.devcluster.build builds and caches; if it cannot be had these
+Uses the helm binary that kubeinfer_devkit.devcluster.build builds and caches; if it cannot be had these
 tests fail rather than skip.
 """
 
@@ -25,13 +25,14 @@ from starlette.testclient import TestClient
 
 from kubeinfer import contract
 from kubeinfer.api.v1alpha1 import Pricing
-from kubeinfer.devcluster.build import BuildError, ensure_binaries
 from kubeinfer.gateway.app import GatewaySettings, create_app
 from kubeinfer.gateway.config import GatewayConfig
 from kubeinfer.gateway.registry import ModelEntry, Registry
 from kubeinfer.gateway.routing import Endpoint
 from kubeinfer.render.config import RenderConfig, load_config
+from kubeinfer_devkit.devcluster.build import BuildError, ensure_binaries
 from tests.cases import FIXTURES
+from tests.httpx_upstream import mock_upstream
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "kubeinfer"
@@ -54,7 +55,7 @@ def helm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     try:
         binary = ensure_binaries(["helm"])["helm"]
     except (BuildError, OSError) as exc:
-        pytest.fail(f"no helm binary (kubeinfer.devcluster.build): {exc}", pytrace=False)
+        pytest.fail(f"no helm binary (kubeinfer_devkit.devcluster.build): {exc}", pytrace=False)
     home = tmp_path_factory.mktemp("helm-home")
     env = {
         **os.environ,
@@ -713,7 +714,7 @@ def gateway_metrics() -> dict[str, set[str]]:
     reg = Registry()
     model = ModelEntry(name="m", served_name="m", pricing=Pricing(prompt_per1_m=1.0, completion_per1_m=2.0))
     reg.set_model(model, [Endpoint(id=f"r{i}", address=f"10.0.0.{i + 1}:8000", model="m") for i in range(2)])
-    app = create_app(reg, GatewaySettings(scrape_interval=3600), transport=httpx.MockTransport(engine))
+    app = create_app(reg, GatewaySettings(scrape_interval=3600), upstream=mock_upstream(engine))
     chat = {"messages": [{"role": "user", "content": "hi"}]}
     with TestClient(app) as client:
         assert client.post("/v1/chat/completions", json={"model": "m", **chat}).status_code == 200

@@ -91,7 +91,9 @@ def test_crd_command_matches_the_committed_crd():
 
 
 def test_gateway_config_file_and_flags(tmp_path):
-    from kubeinfer.cli import CLIError, build_parser, gateway_config
+    from kubeinfer.cli import build_parser
+    from kubeinfer.cliutil import CLIError
+    from kubeinfer.gateway.cli import gateway_config
 
     f = tmp_path / "gateway.yaml"
     f.write_text("scrapeInterval: 2\nauth: keys\nretries: 1\naccessLog: true\n")

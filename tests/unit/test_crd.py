@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from kubeinfer.api.v1alpha1 import SPEC_RULES, LLMModelStatus
+from kubeinfer.api.rules import SPEC_RULES
+from kubeinfer.api.v1alpha1 import LLMModelStatus
 from kubeinfer.crdgen import crd
 
 

@@ -13,6 +13,7 @@ from kubeinfer.gateway.admission import ModelQueue, QueueFull, QueueTimeout
 from kubeinfer.gateway.app import GatewaySettings, create_app, parse_duration
 from kubeinfer.gateway.registry import ModelEntry, Registry
 from kubeinfer.gateway.routing import Endpoint
+from tests.httpx_upstream import mock_upstream
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -80,7 +81,7 @@ def _app(target_inflight: int, max_queue: int, delay: float, ready: bool = True,
         active["now"] -= 1
         return httpx.Response(200, json={"object": "chat.completion", "choices": []})
 
-    app = create_app(reg, GatewaySettings(scrape_interval=3600), transport=httpx.MockTransport(engine))
+    app = create_app(reg, GatewaySettings(scrape_interval=3600), upstream=mock_upstream(engine))
     return app, active
 
 
@@ -146,7 +147,7 @@ async def test_retry_waits_for_a_busy_survivor_instead_of_failing():
         await asyncio.sleep(0.1)
         return httpx.Response(200, json={"object": "chat.completion", "choices": []})
 
-    app = create_app(reg, GatewaySettings(scrape_interval=3600), transport=httpx.MockTransport(engine))
+    app = create_app(reg, GatewaySettings(scrape_interval=3600), upstream=mock_upstream(engine))
     responses = await _post_many(app, 4)
     assert [r.status_code for r in responses] == [200] * 4, [r.text for r in responses]
     assert {r.headers["x-kubeinfer-replica"] for r in responses} == {"live"}

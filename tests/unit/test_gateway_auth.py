@@ -11,6 +11,7 @@ from kubeinfer.gateway.auth import ANONYMOUS, ApiKey, Denied, KeyStore, api_key_
 from kubeinfer.gateway.registry import ModelEntry, Registry, load_static_keys
 from kubeinfer.gateway.routing import Endpoint
 from tests.cases import FIXTURES
+from tests.httpx_upstream import mock_upstream
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -60,9 +61,7 @@ def _client(store: KeyStore):
     reg.set_model(
         ModelEntry(name="m", served_name="m"), [Endpoint(id="r0", address="10.0.0.1:8000", model="m")]
     )
-    app = create_app(
-        reg, GatewaySettings(scrape_interval=3600), transport=httpx.MockTransport(engine), keys=store
-    )
+    app = create_app(reg, GatewaySettings(scrape_interval=3600), upstream=mock_upstream(engine), keys=store)
     return TestClient(app), forwarded
 
 

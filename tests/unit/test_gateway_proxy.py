@@ -16,6 +16,7 @@ from kubeinfer.gateway.app import GatewaySettings, create_app, scrape_once
 from kubeinfer.gateway.registry import ModelEntry, Registry, load_static
 from kubeinfer.gateway.routing import Endpoint
 from tests.cases import FIXTURES
+from tests.httpx_upstream import mock_upstream
 
 LLAMA = FIXTURES / "llama-server"
 VLLM = FIXTURES / "vllm-0.32.0"
@@ -67,7 +68,7 @@ def _client(behaviour, modalities=("text",), strategy="round-robin", hold=0.2):
     )  # fmt: skip
     engines = FakeEngines(behaviour)
     settings = GatewaySettings(hold_timeout=hold, max_body_bytes=64 * 1024, scrape_interval=3600)
-    app = create_app(reg, settings, transport=httpx.MockTransport(engines))
+    app = create_app(reg, settings, upstream=mock_upstream(engines))
     return TestClient(app), engines, app
 
 

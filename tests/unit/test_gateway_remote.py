@@ -12,6 +12,7 @@ from kubeinfer.gateway.auth import ApiKey, KeyStore, digest
 from kubeinfer.gateway.discovery import entry_from_model
 from kubeinfer.gateway.registry import load_static
 from tests.cases import FIXTURES
+from tests.httpx_upstream import mock_upstream
 
 CHAT = {"model": "remote/large", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -31,7 +32,7 @@ def _setup(tmp_path, monkeypatch, keys=None):
                                          "usage": {"prompt_tokens": 3, "completion_tokens": 2}})  # fmt: skip
 
     settings = GatewaySettings(scrape_interval=0.05)  # scrapes run often: the remote must not be one of them
-    app = create_app(load_static(f), settings, transport=httpx.MockTransport(upstream), keys=keys)
+    app = create_app(load_static(f), settings, upstream=mock_upstream(upstream), keys=keys)
     return TestClient(app), seen
 
 
@@ -99,9 +100,7 @@ def _chat_only_remote(tmp_path, native: str = ""):
         return httpx.Response(200, content=(vllm / "chat_completion.json").read_bytes(),
                               headers={"content-type": "application/json"})  # fmt: skip
 
-    app = create_app(
-        load_static(f), GatewaySettings(scrape_interval=3600), transport=httpx.MockTransport(upstream)
-    )
+    app = create_app(load_static(f), GatewaySettings(scrape_interval=3600), upstream=mock_upstream(upstream))
     return TestClient(app), seen
 
 

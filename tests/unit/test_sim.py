@@ -19,18 +19,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kubeinfer.gateway.scrape import parse_metrics
-from kubeinfer.sim.model import (
-    VOCAB,
-    Engine,
-    EngineConfig,
-    Prompt,
-    chat_pieces,
-    encode,
-    output_words,
-    simulate,
-    tokenize,
-)
-from kubeinfer.sim.server import create_app, running_sim
+from kubeinfer_devkit.sim.model import Engine, EngineConfig, simulate
+from kubeinfer_devkit.sim.server import create_app, running_sim
+from kubeinfer_devkit.sim.tokens import VOCAB, Prompt, chat_pieces, encode, output_words, tokenize
 from tests.cases import FIXTURES
 
 VLLM = FIXTURES / "vllm-0.32.0"

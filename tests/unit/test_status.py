@@ -132,3 +132,38 @@ def test_events_only_for_news():
     big = _model({"model": {"source": "hf://o/m", "parameters": "70B"}, "resources": {"gpuType": "L4"}})
     refused = compute_status(big, estimate(big.spec), Observed(None, applied=False), None, NOW)
     assert ("ResourcesFit", "DoesNotFit") in [t[:2] for t in transitions(None, refused)]
+
+
+def test_foreign_deployment_is_explained_not_counted():
+    from kubeinfer.operator.status import ChildProblem
+
+    m = _model(CPU)
+    problem = ChildProblem("Deployment", "ChildConflict", "Deployment ml/llm-m is controlled by ReplicaSet x")
+    s = compute_status(m, estimate(m.spec), Observed(None, pods=[], child_problem=problem), None, NOW)
+    assert conds(s)["Ready"] == ("False", "ChildConflict")
+    assert conds(s)["Progressing"] == ("False", "ChildConflict")
+    assert conds(s)["Degraded"] == ("True", "ChildConflict")
+    assert "ReplicaSet x" in next(c["message"] for c in s["conditions"] if c["type"] == "Degraded")
+    assert ("Degraded", "ChildConflict", problem.message) in transitions(None, s)
+
+
+def test_refused_service_degrades_but_keeps_ready():
+    from kubeinfer.operator.status import ChildProblem
+
+    m = _model(CPU)
+    problem = ChildProblem("Service", "ApplyFailed", "applying Service ml/llm-m was refused: quota")
+    s = compute_status(m, estimate(m.spec), Observed(_dep(2, 2, 2), child_problem=problem), None, NOW)
+    assert conds(s)["Ready"] == ("True", "Available")
+    assert conds(s)["Degraded"] == ("True", "ApplyFailed")
+
+
+def test_status_written_by_someone_else_is_replaced():
+    """A hand-written status (bogus condition, odd fields left out) is what `previous` holds on a fresh
+    pass: the computed status differs, so the operator writes the truth back."""
+    m = _model(CPU)
+    bogus = {"readyReplicas": 0, "conditions": [{"type": "Ready", "status": "False", "reason": "Hacked"},
+                                                {"type": "Custom", "status": "True"}]}  # fmt: skip
+    s = compute_status(m, estimate(m.spec), Observed(_dep(2, 2, 2)), bogus, NOW)
+    assert status_changed(bogus, s)
+    assert conds(s)["Ready"] == ("True", "Available") and "Custom" not in conds(s)
+    assert all(c["lastTransitionTime"] == NOW for c in s["conditions"])

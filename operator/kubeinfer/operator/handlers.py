@@ -20,8 +20,9 @@ from typing import Any
 import kopf
 
 from kubeinfer import contract, kube
-from kubeinfer.operator.reconcile import Locks, Result, reconcile
+from kubeinfer.operator.reconcile import Locks, Result, drifted, parse_body, reconcile
 from kubeinfer.render.config import load_config
+from kubeinfer.render.manifests import render
 
 MODEL = (contract.GROUP, contract.VERSION, contract.PLURAL)
 REFRESH_SECONDS = float(os.environ.get("KUBEINFER_REFRESH_SECONDS", "60"))
@@ -60,13 +61,17 @@ def _emit(body: Any, result: Result) -> None:
         kopf.event(body, type=kind, reason=reason, message=f"{type_}={status}: {message}"[:1024])
 
 
-async def _run(body: Any, memo: kopf.Memo, deployment: dict[str, Any] | None = None) -> Result:
+async def _run(
+    body: Any, memo: kopf.Memo, deployment: dict[str, Any] | None = None, fresh: bool = False
+) -> Result:
+    """Reconcile one model. `fresh`: the body was just read from the apiserver, so its status is the
+    truth, even one that someone else wrote (which the pass then corrects)."""
     meta = body["metadata"]
     key = (meta["namespace"], meta["name"])
     async with memo.locks.get(*key):
         # The status we wrote last is newer than the one in a body from the index or a queued event.
         last = memo.last_status.get(key)
-        previous = last[1] if last and last[0] == meta.get("generation") else None
+        previous = last[1] if last and last[0] == meta.get("generation") and not fresh else None
         result: Result = await reconcile(
             memo.api, dict(body), memo.config, deployment=deployment, previous=previous
         )
@@ -85,15 +90,16 @@ async def model_changed(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, *
 
 async def _refresh_forever(memo: kopf.Memo) -> None:
     """Periodic pass over every model: notices what no watched object announces (crash loops, a
-    remote model's key Secret). One operator-wide loop rather than kopf timers, because kopf puts a
-    finalizer on every object that has a timer, and deleting a model must not wait for the operator."""
+    remote model's key Secret, a status written by someone else). One operator-wide loop rather than
+    kopf timers, because kopf puts a finalizer on every object that has a timer, and deleting a model
+    must not wait for the operator."""
     log = logging.getLogger("kubeinfer.refresh")
     while True:
         await asyncio.sleep(REFRESH_SECONDS)
         try:
             for body in await kube.list_models(memo.api, memo.namespaces):
                 if not body.get("metadata", {}).get("deletionTimestamp"):
-                    await _run(body, memo)
+                    await _run(body, memo, fresh=True)
         except Exception:  # keep refreshing whatever one pass hit; kopf handlers still run
             log.exception("refresh pass failed")
 
@@ -118,17 +124,64 @@ async def child_changed(
     body: kopf.Body, event: kopf.RawEvent, memo: kopf.Memo, logger: kopf.Logger, **kwargs: Any
 ) -> None:
     """A Deployment of ours changed (rollout progress, drift, deletion): reconcile its model."""
-    owner = (body.get("metadata", {}).get("labels") or {}).get(contract.LABEL_MODEL)
-    ns = body.get("metadata", {}).get("namespace")
-    if not owner or not ns:
-        return
-    index: kopf.Index[tuple[str, str], dict[str, Any]] = kwargs["models"]  # the index above, by name
-    store = index.get((ns, owner))
-    model = next(iter(store), None) if store is not None else None
-    if model is None or model.get("metadata", {}).get("deletionTimestamp"):
+    model = _owner_model(body, kwargs)
+    if model is None:
         return
     # A deleted Deployment is re-created by a full pass; otherwise only its drift is repaired.
     deployment = None if event.get("type") == "DELETED" else dict(event["object"])
     result = await _run(model, memo, deployment)
     if result.applied:
-        logger.info("re-applied %s of model %s/%s (drift or deletion)", ", ".join(result.applied), ns, owner)
+        meta = model["metadata"]
+        logger.info(
+            "re-applied %s of model %s/%s (drift or deletion)",
+            ", ".join(result.applied),
+            meta["namespace"],
+            meta["name"],
+        )
+
+
+def _owner_model(body: kopf.Body, kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """The indexed LLMModel a child belongs to (by its model label), unless it is being deleted."""
+    owner = (body.get("metadata", {}).get("labels") or {}).get(contract.LABEL_MODEL)
+    ns = body.get("metadata", {}).get("namespace")
+    if not owner or not ns:
+        return None
+    index: kopf.Index[tuple[str, str], dict[str, Any]] = kwargs["models"]
+    store = index.get((ns, owner))
+    model = next(iter(store), None) if store is not None else None
+    if model is None or model.get("metadata", {}).get("deletionTimestamp"):
+        return None
+    return model
+
+
+@kopf.on.event("", "v1", "services", labels={contract.LABEL_MANAGED_BY: contract.MANAGED_BY})
+@kopf.on.event(
+    "policy", "v1", "poddisruptionbudgets", labels={contract.LABEL_MANAGED_BY: contract.MANAGED_BY}
+)
+async def other_child_changed(
+    body: kopf.Body, event: kopf.RawEvent, memo: kopf.Memo, logger: kopf.Logger, **kwargs: Any
+) -> None:
+    """A Service or PodDisruptionBudget of ours was edited or deleted by someone: a full pass puts it
+    back at once. Only a drifted object costs a pass, so our own applies (and the listing at start,
+    ADDED events) cost none."""
+    if event.get("type") not in ("MODIFIED", "DELETED"):
+        return
+    model = _owner_model(body, kwargs)
+    if model is None:
+        return
+    if event.get("type") == "MODIFIED":
+        try:
+            wanted = render(parse_body(model), memo.config)
+        except Exception:  # an invalid spec: the model's own handler reports it
+            return
+        kind, name = body.get("kind"), body.get("metadata", {}).get("name")
+        desired = next((o for o in wanted if o["kind"] == kind and o["metadata"]["name"] == name), None)
+        if desired is None or not drifted(desired, dict(event["object"])):
+            return
+    result = await _run(model, memo)
+    if result.applied:
+        logger.info(
+            "re-applied %s of model %s (edited or deleted by hand)",
+            body.get("kind"),
+            model["metadata"]["name"],
+        )

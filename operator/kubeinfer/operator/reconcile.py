@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubernetes_asyncio import client
+from kubernetes_asyncio.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from kubeinfer import contract, kube
 from kubeinfer.api.v1alpha1 import LLMModel
 from kubeinfer.estimate import estimate
-from kubeinfer.operator.status import Observed, compute_status, status_changed, transitions
+from kubeinfer.operator.status import ChildProblem, Observed, compute_status, status_changed, transitions
 from kubeinfer.render.config import RenderConfig
 from kubeinfer.render.manifests import render, spec_hash
 
@@ -84,6 +85,44 @@ def drifted(desired: Any, observed: Any) -> bool:
     return bool(desired != observed)
 
 
+def foreign_controller(obj: dict[str, Any], model_uid: str | None) -> dict[str, Any] | None:
+    """The controller ownerReference of `obj` when it is not this model: someone else's object."""
+    for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("controller") and ref.get("uid") != model_uid:
+            return dict(ref)
+    return None
+
+
+async def apply_child(
+    api: client.ApiClient, obj: dict[str, Any], model_uid: str | None
+) -> tuple[dict[str, Any] | None, ChildProblem | None]:
+    """Apply one child; a refusal that retrying cannot fix becomes a ChildProblem, not an exception.
+
+    A child that another controller owns (a Deployment of the same name created by hand or by another
+    tool) is left alone and reported: taking it over would fight its owner. Other 4xx refusals (an
+    immutable field changed by hand, a quota, an admission webhook) are reported with the apiserver's
+    message. Server errors and lost connections still raise, so kopf retries with backoff.
+    """
+    kind, meta = obj["kind"], obj["metadata"]
+    what = f"{kind} {meta['namespace']}/{meta['name']}"
+    try:
+        return await kube.apply(api, obj), None
+    except ApiException as exc:
+        if not 400 <= int(exc.status or 0) < 500 or exc.status in (409, 429):
+            raise
+        refusal = kube.api_error_message(exc)
+    existing = await kube.get_child(api, kind, meta["namespace"], meta["name"])
+    owner = foreign_controller(existing, model_uid) if existing else None
+    if owner is not None:
+        return None, ChildProblem(
+            kind, "ChildConflict",
+            f"{what} already exists and is controlled by {owner.get('kind')} {owner.get('name')}, not by "
+            "this LLMModel: kubeinfer leaves it alone. Delete it (or rename the model) to let kubeinfer "
+            "create its own.",
+        )  # fmt: skip
+    return None, ChildProblem(kind, "ApplyFailed", f"applying {what} was refused: {refusal}"[:1000])
+
+
 async def reconcile(
     api: client.ApiClient,
     body: dict[str, Any],
@@ -121,7 +160,9 @@ async def reconcile(
 
     est = estimate(model.spec)
     applied: list[str] = []
+    problem: ChildProblem | None = None
     full = deployment is None
+    uid = meta.get("uid")
     if model.spec.remote is not None:
         # A model switched from pods to remote keeps no pods.
         await kube.delete_children(api, ns, child, ALL_CHILDREN)
@@ -133,18 +174,25 @@ async def reconcile(
         if fits and deployment is not None:
             desired = render(model, config)[0]
             if drifted(desired, deployment):
-                deployment = await kube.apply(api, desired)
-                applied.append("Deployment")
+                deployment, problem = await apply_child(api, desired, uid)
+                applied += [] if problem else ["Deployment"]
         elif fits:
-            for obj in render(model, config):
-                out = await kube.apply(api, obj)
-                applied.append(obj["kind"])
+            rendered = render(model, config)
+            for obj in rendered:
+                out, refused = await apply_child(api, obj, uid)
+                problem = problem or refused
+                applied += [] if refused else [obj["kind"]]
                 if obj["kind"] == "Deployment":
                     deployment = out
             # A PodDisruptionBudget exists only while replicas > 1; the last status tells if it was.
-            if "PodDisruptionBudget" not in applied and int(previous.get("replicas") or 0) > 1:
+            if (
+                "PodDisruptionBudget" not in {o["kind"] for o in rendered}
+                and int(previous.get("replicas") or 0) > 1
+            ):
                 await kube.delete_children(api, ns, child, ("PodDisruptionBudget",))
-        if deployment is None:
+        if problem is not None and problem.kind == "Deployment":
+            deployment = None  # not ours (or not written): its replicas say nothing about this model
+        elif deployment is None:
             deployment = await kube.get_deployment(api, ns, child)
         dstatus = (deployment or {}).get("status") or {}
         # Pods are listed only to explain replicas that exist but are not ready.
@@ -153,7 +201,9 @@ async def reconcile(
             and int(dstatus.get("replicas") or 0) > 0
         )
         pods = await kube.list_model_pods(api, ns, name) if full and missing else None
-        observed = Observed(deployment=deployment, pods=pods, applied=fits, spec_hash=spec_hash(model))
+        observed = Observed(
+            deployment=deployment, pods=pods, applied=fits, spec_hash=spec_hash(model), child_problem=problem
+        )
 
     status = compute_status(model, est, observed, previous, now_iso())
     if status_changed(previous, status):

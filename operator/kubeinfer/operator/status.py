@@ -6,7 +6,9 @@ Conditions:
 * Progressing: a rollout or scale is under way (True), finished (False, reason Complete), or
   blocked because the spec does not fit (False, reason ResourcesDoNotFit).
 * Degraded: something needs a person: pods crash-looping, images not pulling, unschedulable pods,
-  a rollout past its deadline, or a remote model whose key Secret is missing.
+  a rollout past its deadline, a remote model whose key Secret is missing, or a child object the
+  operator may not write (another controller owns it: ChildConflict; the apiserver refused it:
+  ApplyFailed).
 """
 
 from __future__ import annotations
@@ -26,6 +28,15 @@ _STUCK_REASONS = {
 
 
 @dataclass(frozen=True)
+class ChildProblem:
+    """A child the operator could not apply: its kind, a condition reason and a message for a person."""
+
+    kind: str
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
 class Observed:
     """What the reconciler saw: the Deployment (or None), the model's pods, remote key presence."""
 
@@ -34,6 +45,7 @@ class Observed:
     remote_secret_ok: bool | None = None
     applied: bool = True  # False when the spec was held back (does not fit)
     spec_hash: str | None = None
+    child_problem: ChildProblem | None = None
 
 
 def _cond(type_: str, status: str, reason: str, message: str) -> dict[str, Any]:
@@ -117,7 +129,14 @@ def compute_status(
         for c in ds.get("conditions") or []
     )
 
-    if ready > 0:
+    blocked = (
+        observed.child_problem
+        if observed.child_problem and observed.child_problem.kind == "Deployment"
+        else None
+    )
+    if blocked is not None:
+        conditions.append(_cond("Ready", "False", blocked.reason, blocked.message))
+    elif ready > 0:
         conditions.append(_cond("Ready", "True", "Available", f"{ready}/{desired} replicas ready"))
     elif desired == 0:
         conditions.append(_cond("Ready", "False", "ScaledToZero", "replicas is 0"))
@@ -128,7 +147,9 @@ def compute_status(
     else:
         conditions.append(_cond("Ready", "False", "NoReadyReplicas", f"0/{desired} replicas ready"))
 
-    if not observed.applied:
+    if blocked is not None:
+        conditions.append(_cond("Progressing", "False", blocked.reason, "the Deployment cannot be written"))
+    elif not observed.applied:
         conditions.append(
             _cond("Progressing", "False", "ResourcesDoNotFit",
                   "spec not rolled out: it does not fit its GPUs (set resources.skipFitCheck to override)")
@@ -155,7 +176,12 @@ def compute_status(
         problems = _pod_problems(observed.pods)
     if deadline_exceeded:
         problems.append("rollout exceeded its progress deadline")
-    if problems:
+    if observed.child_problem is not None:
+        problem = observed.child_problem
+        conditions.append(
+            _cond("Degraded", "True", problem.reason, "; ".join([problem.message, *problems])[:1000])
+        )
+    elif problems:
         conditions.append(_cond("Degraded", "True", "ReplicasFailing", "; ".join(problems)[:1000]))
     else:
         conditions.append(_cond("Degraded", "False", "AsExpected", ""))

@@ -1,0 +1,482 @@
+"""`kubeinfer bench overhead`: what the gateway adds to a request, in latency and in CPU.
+
+The same load goes to the replicas directly and through `kubeinfer gateway` in one run, interleaved in
+slots (direct, gateway, direct, ...), so both see the same machine: a busy neighbour slows both alike.
+The replicas are `fleet.EchoUpstream` (answers at once, so any latency beyond the direct path's is the
+gateway's) in their own process; the gateway runs as its own process, as in production. With two or
+more cores the gateway is pinned to the last core and the replicas and the load generator to the
+others, so the gateway's figure is one core's.
+
+Three phases, each with its own figures:
+
+- `small`: an open loop of Poisson arrivals at `rate`/s with `body_bytes` request bodies, non-streamed
+  answers of 16 tokens. Added latency = gateway percentile - direct percentile.
+- `large`: the same with `large_body_bytes` bodies at `large_rate`/s.
+- `stream`: a closed loop of `stream_concurrency` SSE streams of `stream_tokens` chunks, one every
+  `stream_interval_ms`. Added inter-chunk latency = gateway ITL percentile - direct ITL percentile.
+
+The load generator is a lean aiohttp client (one keep-alive session per target; httpx costs several
+times more CPU per request: docs/benchmarks.md). It reports its own CPU and how late it sent requests
+against the schedule (`send_lag_ms`), so a run where the client, not the gateway, was the limit shows.
+The gateway's CPU is read from /proc/PID/stat (utime + stime) at every gateway slot's start and end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import aiohttp
+
+from kubeinfer_devkit.bench import fleet, stats
+from kubeinfer_devkit.bench.client import SSEReader
+
+MODEL = "echo"
+
+GOALS = {
+    "added_p50_ms": 1.0,  # small phase, at 500 requests/s with 1 KB bodies
+    "added_p99_ms": 5.0,
+    "stream_added_itl_p99_ms": 1.0,
+}
+
+
+@dataclass(frozen=True)
+class OverheadConfig:
+    rate: float = 500.0
+    duration: float = 20.0
+    """Seconds of the small phase, both targets together (each gets about half)."""
+    body_bytes: int = 1024
+    slot: float = 1.0
+    """Seconds per slot before switching between direct and gateway."""
+    replicas: int = 2
+    warmup: float = 1.0
+    """Seconds of load on each target before the measured slots (connections, caches)."""
+    large_body_bytes: int = 200 * 1024
+    large_rate: float = 100.0
+    large_duration: float = 10.0
+    stream_concurrency: int = 256
+    stream_tokens: int = 40
+    stream_interval_ms: float = 50.0
+    stream_duration: float = 24.0
+    stream_slot: float = 6.0
+    seed: int = 0
+    pin: bool = True
+    phases: tuple[str, ...] = ("small", "large", "stream")
+
+    def validate(self) -> None:
+        if self.rate <= 0 or self.large_rate <= 0 or self.duration <= 0 or self.slot <= 0:
+            raise ValueError("rates, duration and slot must be positive")
+        if self.replicas < 1 or self.stream_concurrency < 1 or self.stream_tokens < 2:
+            raise ValueError("replicas and stream concurrency must be >= 1, stream tokens >= 2")
+        if self.body_bytes < 64 or self.large_body_bytes < 64:
+            raise ValueError("bodies must be at least 64 bytes")
+        unknown = set(self.phases) - {"small", "large", "stream"}
+        if unknown:
+            raise ValueError(f"unknown phases: {sorted(unknown)}")
+
+
+# --- pure parts --------------------------------------------------------------------------------------
+
+
+def request_body(size: int, *, stream: bool, max_tokens: int, seed: int = 0) -> bytes:
+    """A chat request of exactly `size` bytes (the user message is padded with words)."""
+    rng = random.Random(f"overhead:{seed}:{size}")
+    body: dict[str, Any] = {"model": MODEL, "max_tokens": max_tokens, "stream": stream,
+                            "messages": [{"role": "user", "content": ""}]}  # fmt: skip
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    empty = len(json.dumps(body).encode())
+    words: list[str] = []
+    length = 0
+    while empty + length < size:
+        w = rng.choice(("alpha", "beta", "gamma", "delta", "kappa", "omega"))
+        words.append(w)
+        length += len(w) + (1 if len(words) > 1 else 0)
+    text = " ".join(words)[: max(0, size - empty)]
+    body["messages"][0]["content"] = text
+    return json.dumps(body).encode()
+
+
+def slot_schedule(duration: float, slot: float) -> list[tuple[float, float, str]]:
+    """(start, end, target) slots over `duration`, alternating direct and gateway; every pair holds one
+    of each, in a seeded-free fixed order that starts with direct."""
+    out, t, i = [], 0.0, 0
+    while t < duration - 1e-9:
+        end = min(duration, t + slot)
+        out.append((t, end, "direct" if i % 2 == 0 else "gateway"))
+        t, i = end, i + 1
+    return out
+
+
+def added(direct: dict[str, float | None], gateway: dict[str, float | None]) -> dict[str, float | None]:
+    """Gateway minus direct, per percentile (None when either side has no samples)."""
+    return {
+        k: (gateway[k] - direct[k]) if gateway.get(k) is not None and direct.get(k) is not None else None  # type: ignore[operator]
+        for k in direct
+    }
+
+
+def per_unit_us(cpu_seconds: float, units: int) -> float | None:
+    """Microseconds of CPU per request (or chunk); None without any."""
+    return cpu_seconds * 1e6 / units if units else None
+
+
+@dataclass
+class Sample:
+    target: str
+    start: float
+    latency: float
+    lag: float = 0.0
+    """How late the request was sent against its scheduled time (open loop)."""
+    ttft: float | None = None
+    gaps: list[float] = field(default_factory=list)
+    chunks: int = 0
+    error: str | None = None
+
+
+def summarize_phase(
+    samples: Sequence[Sample], *, gateway_cpu_s: float, gateway_slot_s: float, client_cpu_s: float,
+    wall_s: float,
+) -> dict[str, Any]:  # fmt: skip
+    """The figures of one phase from its samples and CPU readings (pure)."""
+    out: dict[str, Any] = {}
+    by = {t: [s for s in samples if s.target == t] for t in ("direct", "gateway")}
+    errors: dict[str, int] = {}
+    for target, ss in by.items():
+        ok = [s for s in ss if s.error is None]
+        for s in ss:
+            if s.error is not None:
+                key = f"{target}:{s.error}"
+                errors[key] = errors.get(key, 0) + 1
+        lat = stats.distribution([s.latency for s in ok], 1000)
+        itl = stats.distribution([g for s in ok for g in s.gaps], 1000)
+        out[target] = {
+            "requests": len(ss), "ok": len(ok), "latency_ms": lat, "itl_ms": itl,
+            "chunks": sum(s.chunks for s in ok),
+        }  # fmt: skip
+    d, g = out["direct"], out["gateway"]
+    out["direct_p50_ms"], out["gateway_p50_ms"] = d["latency_ms"]["p50"], g["latency_ms"]["p50"]
+    out["direct_p99_ms"], out["gateway_p99_ms"] = d["latency_ms"]["p99"], g["latency_ms"]["p99"]
+    lat_added = added(d["latency_ms"], g["latency_ms"])
+    out["added_p50_ms"], out["added_p99_ms"] = lat_added["p50"], lat_added["p99"]
+    itl_added = added(d["itl_ms"], g["itl_ms"])
+    out["added_itl_p50_ms"], out["added_itl_p99_ms"] = itl_added["p50"], itl_added["p99"]
+    out["gateway_cpu_us_per_request"] = per_unit_us(gateway_cpu_s, g["ok"])
+    out["gateway_cpu_us_per_chunk"] = per_unit_us(gateway_cpu_s, g["chunks"]) if g["chunks"] else None
+    out["gateway_cpu_util"] = gateway_cpu_s / gateway_slot_s if gateway_slot_s > 0 else None
+    out["client_cpu_us_per_request"] = per_unit_us(client_cpu_s, len(samples))
+    out["client_cpu_util"] = client_cpu_s / wall_s if wall_s > 0 else None
+    lags = [s.lag for s in samples]
+    out["send_lag_ms"] = {"p50": stats.percentile(lags, 50), "p99": stats.percentile(lags, 99)}
+    if out["send_lag_ms"]["p50"] is not None:
+        out["send_lag_ms"] = {k: v * 1000 for k, v in out["send_lag_ms"].items()}
+    out["errors"] = errors
+    return out
+
+
+def check_goals(result: dict[str, Any]) -> dict[str, bool | None]:
+    """Each goal met (True), missed (False) or not measured in this run (None)."""
+    small, stream = result.get("small") or {}, result.get("stream") or {}
+
+    def within(value: Any, limit: float) -> bool | None:
+        return None if value is None else bool(value <= limit)
+
+    return {
+        "added_p50_ms<=1": within(small.get("added_p50_ms"), GOALS["added_p50_ms"]),
+        "added_p99_ms<=5": within(small.get("added_p99_ms"), GOALS["added_p99_ms"]),
+        "stream_added_itl_p99_ms<=1": within(
+            stream.get("added_itl_p99_ms"), GOALS["stream_added_itl_p99_ms"]
+        ),
+        "no_errors": not any((result.get(p) or {}).get("errors") for p in ("small", "large", "stream")),
+    }
+
+
+# --- the load generator ------------------------------------------------------------------------------
+
+
+async def _send(
+    session: aiohttp.ClientSession, url: str, body: bytes, target: str, *, stream: bool, lag: float = 0.0
+) -> Sample:
+    start = time.perf_counter()
+    sample = Sample(target, start, 0.0, lag)
+    try:
+        async with session.post(url, data=body, headers={"content-type": "application/json"}) as resp:
+            if resp.status != 200:
+                await resp.read()
+                sample.error = f"http_{resp.status}"
+            elif stream:
+                sse = SSEReader()
+                clock = time.perf_counter
+                async for data in resp.content.iter_any():
+                    sse.feed(data, clock())
+                sse.close(time.perf_counter())
+                if sse.error:
+                    sample.error = sse.error
+                sample.ttft = sse.first - start if sse.first is not None else None
+                sample.gaps, sample.chunks = sse.gaps, sse.chunks
+            else:
+                await resp.read()
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        sample.error = type(exc).__name__
+    sample.latency = time.perf_counter() - start
+    return sample
+
+
+class _Targets:
+    """One keep-alive aiohttp session per target; direct requests go round-robin over the replicas."""
+
+    def __init__(self, direct_urls: Sequence[str], gateway_url: str) -> None:
+        self.direct = [f"{u}/v1/chat/completions" for u in direct_urls]
+        self.gateway = f"{gateway_url}/v1/chat/completions"
+        self._next = 0
+        self.sessions: dict[str, aiohttp.ClientSession] = {}
+
+    async def __aenter__(self) -> _Targets:
+        for name in ("direct", "gateway"):
+            self.sessions[name] = aiohttp.ClientSession(
+                # Below uvicorn's 5 s keep-alive (the gateway's): the client closes an idle connection
+                # first, so a request never races the server's close (ServerDisconnectedError).
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=3),
+                timeout=aiohttp.ClientTimeout(total=120),
+                skip_auto_headers=("User-Agent",),
+                cookie_jar=aiohttp.DummyCookieJar(),
+            )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for s in self.sessions.values():
+            await s.close()
+
+    def url(self, target: str) -> str:
+        if target == "gateway":
+            return self.gateway
+        self._next += 1
+        return self.direct[self._next % len(self.direct)]
+
+
+@dataclass
+class _Meter:
+    """CPU of the gateway process during gateway slots, and of this process overall."""
+
+    gateway_pid: int
+    gateway_cpu: float = 0.0
+    gateway_time: float = 0.0
+    _opened: tuple[float, float] | None = None
+
+    def open(self) -> None:
+        self._opened = (fleet.process_cpu_seconds(self.gateway_pid), time.perf_counter())
+
+    def close(self) -> None:
+        if self._opened is not None:
+            cpu, t = self._opened
+            self.gateway_cpu += fleet.process_cpu_seconds(self.gateway_pid) - cpu
+            self.gateway_time += time.perf_counter() - t
+            self._opened = None
+
+
+async def _open_loop(
+    targets: _Targets, meter: _Meter, body: bytes, rate: float, duration: float, slot: float, seed: int
+) -> list[Sample]:
+    rng = random.Random(f"overhead-arrivals:{seed}")
+    slots = slot_schedule(duration, slot)
+    tasks: list[asyncio.Task[Sample]] = []
+    t0 = time.perf_counter()
+    for start, end, target in slots:
+        # Open the meter at the slot's start: in-flight requests of the last slot finish within it
+        # (a few ms), a small bias alike for every slot.
+        if target == "gateway":
+            meter.open()
+        t = start + rng.expovariate(rate)
+        while t < end:
+            delay = t0 + t - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            lag = max(0.0, time.perf_counter() - (t0 + t))
+            tasks.append(asyncio.create_task(_send(
+                targets.sessions[target], targets.url(target), body, target, stream=False, lag=lag
+            )))  # fmt: skip
+            t += rng.expovariate(rate)
+        delay = t0 + end - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if target == "gateway":
+            meter.close()
+    return list(await asyncio.gather(*tasks))
+
+
+async def _closed_streams(
+    targets: _Targets, meter: _Meter, body: bytes, concurrency: int, duration: float, slot: float
+) -> list[Sample]:
+    slots = slot_schedule(duration, slot)
+    t0 = time.perf_counter()
+    current = ["direct"]
+    stop = False
+    samples: list[Sample] = []
+
+    async def worker(i: int) -> None:
+        await asyncio.sleep(i * slot / concurrency / 10)  # stagger the first wave
+        while not stop:
+            target = current[0]
+            samples.append(
+                await _send(targets.sessions[target], targets.url(target), body, target, stream=True)
+            )
+
+    # Streams outlast slots (a stream started late in a gateway slot is relayed into the next one), so
+    # the gateway's CPU is read over the whole phase; its idle cost (a scrape a second) is negligible.
+    meter.open()
+    workers = [asyncio.create_task(worker(i)) for i in range(concurrency)]
+    for _start, end, target in slots:
+        current[0] = target
+        delay = t0 + end - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+    stop = True
+    await asyncio.gather(*workers)
+    meter.close()
+    meter.gateway_time = sum(end - start for start, end, target in slots if target == "gateway")
+    # A stream belongs to the target it was sent to; streams still running at a switch overlap the next
+    # slot by one stream's length at most, alike for both targets.
+    return samples
+
+
+async def _phase(name: str, config: OverheadConfig, targets: _Targets, gateway_pid: int) -> dict[str, Any]:
+    meter = _Meter(gateway_pid)
+    if name == "stream":
+        body = request_body(config.body_bytes, stream=True, max_tokens=config.stream_tokens, seed=config.seed)
+        # Warm-up: a full set of connections on both targets.
+        await _closed_streams(targets, _Meter(gateway_pid), body, config.stream_concurrency,
+                              2 * max(config.warmup, 0.1), max(config.warmup, 0.1))  # fmt: skip
+        c0, w0 = time.process_time(), time.perf_counter()
+        samples = await _closed_streams(
+            targets, meter, body, config.stream_concurrency, config.stream_duration, config.stream_slot
+        )
+    else:
+        size, rate, duration = (
+            (config.body_bytes, config.rate, config.duration) if name == "small"
+            else (config.large_body_bytes, config.large_rate, config.large_duration)
+        )  # fmt: skip
+        body = request_body(size, stream=False, max_tokens=16, seed=config.seed)
+        if config.warmup > 0:
+            await _open_loop(targets, _Meter(gateway_pid), body, rate, 2 * config.warmup, config.warmup,
+                             config.seed + 1)  # fmt: skip
+        c0, w0 = time.process_time(), time.perf_counter()
+        samples = await _open_loop(targets, meter, body, rate, duration, config.slot, config.seed)
+    client_cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+    out = summarize_phase(
+        samples, gateway_cpu_s=meter.gateway_cpu, gateway_slot_s=meter.gateway_time, client_cpu_s=client_cpu,
+        wall_s=wall,
+    )  # fmt: skip
+    out["body_bytes"] = len(body)
+    if name != "stream":
+        out["rate"] = rate
+        out["achieved_rps"] = {t: out[t]["requests"] / (duration / 2) for t in ("direct", "gateway")}
+    return out
+
+
+def _load() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+async def run_overhead(
+    config: OverheadConfig, *, on_phase: Callable[[str], None] | None = None
+) -> dict[str, Any]:
+    """Start the echo replicas and a gateway, run the phases, stop everything; the result dict."""
+    config.validate()
+    pin = config.pin and fleet.can_pin()
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    gateway_cores = {cores[-1]} if pin else None
+    other_cores = set(cores[:-1]) if pin else None
+    if other_cores:
+        os.sched_setaffinity(0, other_cores)  # this process (the load generator); the fleet inherits it
+    result: dict[str, Any] = {
+        "config": asdict(config), "pinned": pin, "gateway_cores": sorted(gateway_cores or []),
+        "client_cores": sorted(other_cores or []), "upstream": "echo", "load_average_before": _load(),
+    }  # fmt: skip
+    try:
+        with tempfile.TemporaryDirectory(prefix="kubeinfer-bench-") as tmp:
+            replicas = fleet.start_fleet(
+                "echo", config.replicas, {"chunk_interval_ms": config.stream_interval_ms}
+            )
+            try:
+                static = fleet.static_config(
+                    MODEL, replicas.addresses, "round-robin", target_inflight=10000, max_queue=100000
+                )
+                gateway = fleet.start_gateway(static, tmp, cores=gateway_cores)
+                try:
+                    async with _Targets(replicas.urls, gateway.url) as targets:
+                        for name in config.phases:
+                            if on_phase:
+                                on_phase(name)
+                            result[name] = await _phase(name, config, targets, gateway.pid)
+                finally:
+                    gateway.stop()
+            finally:
+                replicas.stop()
+    finally:
+        if other_cores:
+            os.sched_setaffinity(0, set(cores))
+    result["load_average_after"] = _load()
+    small = result.get("small") or {}
+    for key in ("direct_p50_ms", "gateway_p50_ms", "added_p50_ms", "added_p99_ms",
+                "gateway_cpu_us_per_request"):  # fmt: skip
+        result[key] = small.get(key)
+    result["errors"] = {
+        f"{p}:{k}": v
+        for p in ("small", "large", "stream")
+        for k, v in (result.get(p) or {}).get("errors", {}).items()
+    }
+    stream = result.get("stream") or {}
+    result["stream_added_itl_p99_ms"] = stream.get("added_itl_p99_ms")
+    result["goals"] = check_goals(result)
+    return result
+
+
+def format_overhead(result: dict[str, Any]) -> str:
+    """A short human summary of `run_overhead`'s result."""
+    lines = [f"pinned: {result['pinned']} (gateway on cores {result['gateway_cores']}); "
+             f"load average {result['load_average_before']} -> {result['load_average_after']}"]  # fmt: skip
+
+    def ms(v: Any) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    for name in ("small", "large", "stream"):
+        p = result.get(name)
+        if not p:
+            continue
+        d, g = p["direct"], p["gateway"]
+        lines.append(
+            f"\n[{name}] body {p['body_bytes']} B" + (f", {p['rate']:g} req/s" if "rate" in p else "")
+        )
+        lines.append(
+            f"  requests direct {d['requests']} gateway {g['requests']}; errors {p['errors'] or 'none'}"
+        )
+        for label, key in (("latency", "latency_ms"), ("ITL", "itl_ms")):
+            if d[key]["p50"] is None:
+                continue
+            lines.append(
+                f"  {label} p50/p99 ms: direct {ms(d[key]['p50'])}/{ms(d[key]['p99'])} "
+                f"gateway {ms(g[key]['p50'])}/{ms(g[key]['p99'])}"
+            )
+        lines.append(f"  added p50 {ms(p['added_p50_ms'])} ms, p99 {ms(p['added_p99_ms'])} ms"
+                     + (f"; ITL p50 {ms(p['added_itl_p50_ms'])}, p99 {ms(p['added_itl_p99_ms'])} ms"
+                        if name == "stream" else ""))  # fmt: skip
+        cpu = p["gateway_cpu_us_per_request"]
+        lines.append(
+            f"  gateway CPU {'-' if cpu is None else f'{cpu:.0f}'} us/request"
+            + (f", {p['gateway_cpu_us_per_chunk']:.1f} us/chunk" if p.get("gateway_cpu_us_per_chunk") else "")
+            + f", {100 * (p['gateway_cpu_util'] or 0):.0f}% of its core; client CPU "
+            f"{100 * (p['client_cpu_util'] or 0):.0f}%, send lag p99 {ms(p['send_lag_ms']['p99'])} ms"
+        )
+    lines.append("\ngoals: " + ", ".join(f"{k} {'-' if v is None else 'met' if v else 'MISSED'}"
+                                          for k, v in result["goals"].items()))  # fmt: skip
+    return "\n".join(lines) + "\n"

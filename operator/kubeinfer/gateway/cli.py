@@ -1,0 +1,116 @@
+"""`kubeinfer gateway`: the OpenAI-compatible gateway, from flags laid over its --config file."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+from kubeinfer.cliutil import CLIError
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    import prometheus_client
+    import uvicorn
+
+    from kubeinfer.gateway import logs
+    from kubeinfer.gateway.app import GatewaySettings, create_app
+    from kubeinfer.gateway.auth import KeyStore
+    from kubeinfer.gateway.registry import load_static, load_static_keys
+
+    config = gateway_config(args)
+    logs.configure(config.log_format, access_log=config.access_log)
+    discover = None
+    ready = None
+    keys = KeyStore(required=config.auth == "keys")
+    if args.static:
+        if not Path(args.static).is_file():
+            raise CLIError(f"{args.static}: no such file")
+        try:
+            registry = load_static(args.static)
+            if config.auth != "anonymous":
+                keys.replace(load_static_keys(args.static))
+        except Exception as exc:  # pydantic or YAML errors: one clear line
+            raise CLIError(f"{args.static}: {exc}") from None
+    else:
+        from kubeinfer import kube
+        from kubeinfer.gateway.discovery import Discovery
+        from kubeinfer.gateway.registry import Registry
+
+        registry = Registry()
+        keys_namespace = config.keys_namespace or os.environ.get("POD_NAMESPACE") or None
+        synced = asyncio.Event()
+        ready = synced.is_set
+
+        async def discover(reg: Registry) -> None:
+            async with kube.api_client() as api:
+                found = Discovery(
+                    api, reg, namespace=args.namespace, keys=None if config.auth == "anonymous" else keys,
+                    keys_namespace=keys_namespace,
+                )  # fmt: skip
+                found.synced = synced  # /readyz answers 200 once models, pods and keys are listed
+                await found.run()
+
+    settings = GatewaySettings(
+        scrape_interval=config.scrape_interval, scrape_timeout=config.scrape_timeout,
+        hold_timeout=config.hold_timeout, retries=config.retries, max_body_bytes=config.max_body_bytes,
+    )  # fmt: skip
+    metrics = prometheus_client.CollectorRegistry()
+    if args.metrics_port:  # the same registry is also served at /metrics on the API port
+        prometheus_client.start_http_server(args.metrics_port, registry=metrics)
+    app = create_app(registry, settings, metrics=metrics, discover=discover, keys=keys, ready=ready)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    return 0
+
+
+def gateway_config(args: argparse.Namespace) -> Any:
+    """The --config file with the flags given on the command line laid over it."""
+    from kubeinfer.gateway.config import load_config
+
+    if args.config and not Path(args.config).is_file():
+        raise CLIError(f"{args.config}: no such file")
+    try:
+        config = load_config(args.config)
+    except Exception as exc:  # pydantic or YAML errors: one clear message
+        raise CLIError(f"{args.config}: {exc}") from None
+    flags = {k: v for k, v in vars(args).items() if k in GATEWAY_FLAGS and v is not None}
+    return config.model_copy(update=flags)
+
+
+# Flags of `kubeinfer gateway` that override the same-named field of its --config file.
+GATEWAY_FLAGS = frozenset(
+    {"scrape_interval", "scrape_timeout", "hold_timeout", "retries", "max_body_bytes", "auth",
+     "keys_namespace", "log_format", "access_log"}
+)  # fmt: skip
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("gateway", help="run the OpenAI-compatible gateway")
+    p.add_argument(
+        "--static", help="static discovery file (models and replica addresses); default: Kubernetes"
+    )
+    p.add_argument("--namespace", help="with Kubernetes discovery: only this namespace (default: all)")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--metrics-port", type=int, default=0, help="also serve /metrics on this port")
+    p.add_argument("--config", help="gateway configuration file (YAML; flags override it)")
+    # No defaults here: an unset flag leaves the config file's value (see gateway/config.py).
+    p.add_argument("--scrape-interval", type=float, help="seconds between /metrics scrapes (1)")
+    p.add_argument("--scrape-timeout", type=float, help="per-replica scrape timeout (0.5)")
+    p.add_argument("--hold-timeout", type=float, help="seconds to wait for a replica (model's queueTimeout)")
+    p.add_argument("--retries", type=int, help="retries on another replica before the first byte (2)")
+    p.add_argument("--max-body-bytes", type=int, help="larger request bodies get 413 (32 MiB)")
+    p.add_argument(
+        "--auth", choices=("auto", "keys", "anonymous"),
+        help="keys: every request needs an API key; anonymous: none; auto (default): anonymous until "
+        "a key is configured",
+    )  # fmt: skip
+    p.add_argument("--keys-namespace", help="namespace of API-key Secrets ($POD_NAMESPACE, else all)")
+    p.add_argument("--log-format", choices=("json", "text"), help="log line format (json)")
+    p.add_argument(
+        "--no-access-log", dest="access_log", action="store_const", const=False,
+        help="no log line per proxied request",
+    )  # fmt: skip
+    p.set_defaults(func=cmd_gateway)
