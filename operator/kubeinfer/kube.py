@@ -73,8 +73,35 @@ async def _json(resp: Any) -> dict[str, Any]:
     return data
 
 
+# KEDA's ScaledObject (autoscaling.mode keda): a custom resource, served only where KEDA is installed.
+KEDA_GROUP, KEDA_VERSION, KEDA_PLURAL = "keda.sh", "v1alpha1", "scaledobjects"
+KEDA_NOT_INSTALLED = (
+    "KEDA is not installed on this cluster: the apiserver does not serve keda.sh/v1alpha1 ScaledObjects "
+    "(the CRD scaledobjects.keda.sh is missing). autoscaling.mode keda needs KEDA "
+    "(https://keda.sh/docs/latest/deploy/); or use mode hpa or builtin."
+)
+
+
+def api_not_served(exc: ApiException) -> bool:
+    """A 404 for the resource type itself (no CRD, API group not installed), not for one object.
+
+    A missing object (or namespace) is a Status that names it in `details`; an API group nobody serves
+    is the plain text "404 page not found", and a missing resource of a served group a Status that
+    names nothing."""
+    if exc.status != 404:
+        return False
+    try:
+        status = json.loads(exc.body or "")
+    except ValueError:
+        return True
+    return not isinstance(status, dict) or not (status.get("details") or {}).get("name")
+
+
 async def apply(api: client.ApiClient, obj: dict[str, Any]) -> dict[str, Any]:
-    """Server-side apply one namespaced child (Deployment, Service or PodDisruptionBudget)."""
+    """Server-side apply one namespaced child (Deployment, Service, PodDisruptionBudget,
+    HorizontalPodAutoscaler or KEDA ScaledObject).
+
+    A ScaledObject on a cluster without KEDA fails with a 404 whose message says so."""
     name, ns, kind = obj["metadata"]["name"], obj["metadata"]["namespace"], obj["kind"]
     kw: dict[str, Any] = {"field_manager": FIELD_MANAGER, "force": True, "_content_type": APPLY, **RAW}
     out: Any
@@ -84,9 +111,32 @@ async def apply(api: client.ApiClient, obj: dict[str, Any]) -> dict[str, Any]:
         out = await client.CoreV1Api(api).patch_namespaced_service(name, ns, obj, **kw)
     elif kind == "PodDisruptionBudget":
         out = await client.PolicyV1Api(api).patch_namespaced_pod_disruption_budget(name, ns, obj, **kw)
+    elif kind == "HorizontalPodAutoscaler":
+        hpa = client.AutoscalingV2Api(api)
+        out = await hpa.patch_namespaced_horizontal_pod_autoscaler(name, ns, obj, **kw)
+    elif kind == "ScaledObject":
+        try:
+            return await _json(
+                await client.CustomObjectsApi(api).patch_namespaced_custom_object(
+                    KEDA_GROUP, KEDA_VERSION, ns, KEDA_PLURAL, name, obj, **kw
+                )
+            )
+        except ApiException as exc:
+            if api_not_served(exc):
+                exc.body = json.dumps({"kind": "Status", "code": 404, "message": KEDA_NOT_INSTALLED}).encode()
+            raise
     else:
         raise ValueError(f"kubeinfer does not apply {kind}")
     return await _json(out)
+
+
+def _keda_call(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A CustomObjectsApi method for ScaledObjects, called like the typed ones: (name, namespace, ...)."""
+
+    def call(name: str, namespace: str, **kw: Any) -> Any:
+        return method(KEDA_GROUP, KEDA_VERSION, namespace, KEDA_PLURAL, name, **kw)
+
+    return call
 
 
 async def get_child(api: client.ApiClient, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
@@ -95,6 +145,8 @@ async def get_child(api: client.ApiClient, kind: str, namespace: str, name: str)
         "Deployment": client.AppsV1Api(api).read_namespaced_deployment,
         "Service": client.CoreV1Api(api).read_namespaced_service,
         "PodDisruptionBudget": client.PolicyV1Api(api).read_namespaced_pod_disruption_budget,
+        "HorizontalPodAutoscaler": client.AutoscalingV2Api(api).read_namespaced_horizontal_pod_autoscaler,
+        "ScaledObject": _keda_call(client.CustomObjectsApi(api).get_namespaced_custom_object),
     }
     try:
         return await _json(await calls[kind](name, namespace, **RAW))
@@ -122,6 +174,8 @@ async def delete_children(
         "Deployment": client.AppsV1Api(api).delete_namespaced_deployment,
         "Service": client.CoreV1Api(api).delete_namespaced_service,
         "PodDisruptionBudget": client.PolicyV1Api(api).delete_namespaced_pod_disruption_budget,
+        "HorizontalPodAutoscaler": client.AutoscalingV2Api(api).delete_namespaced_horizontal_pod_autoscaler,
+        "ScaledObject": _keda_call(client.CustomObjectsApi(api).delete_namespaced_custom_object),
     }
     for kind in kinds:
         try:
@@ -204,6 +258,52 @@ async def patch_model_status(
         contract.GROUP, contract.VERSION, namespace, contract.PLURAL, name, {"status": status},
         _content_type=MERGE,  # type: ignore[call-arg]  # the client would send a dict as json-patch
     )  # fmt: skip
+
+
+async def scale_model(api: client.ApiClient, namespace: str, name: str, replicas: int) -> None:
+    """Set spec.replicas through the scale subresource, as `kubectl scale` and an HPA do."""
+    await client.CustomObjectsApi(api).patch_namespaced_custom_object_scale(
+        contract.GROUP, contract.VERSION, namespace, contract.PLURAL, name, {"spec": {"replicas": replicas}},
+        _content_type=MERGE,  # type: ignore[call-arg]
+    )  # fmt: skip
+
+
+async def ready_pod_ips(api: client.ApiClient, namespace: str | None, selector: str) -> list[str]:
+    """IPs of the ready pods matching a label selector (the gateways, for the autoscaler)."""
+    core = client.CoreV1Api(api)
+    if namespace:
+        listed = await core.list_namespaced_pod(namespace, label_selector=selector, **RAW)
+    else:
+        listed = await core.list_pod_for_all_namespaces(label_selector=selector, **RAW)
+    ips = []
+    for pod in (await _json(listed)).get("items", []):
+        st = pod.get("status") or {}
+        ready = any(
+            c.get("type") == "Ready" and c.get("status") == "True" for c in st.get("conditions") or []
+        )
+        if ready and st.get("podIP") and not pod.get("metadata", {}).get("deletionTimestamp"):
+            ips.append(str(st["podIP"]))
+    return ips
+
+
+async def post_event(
+    api: client.ApiClient, obj: dict[str, Any], type_: str, reason: str, message: str
+) -> None:
+    """A core/v1 Event about `obj`, for loops that run outside kopf's handlers (kopf.event needs the
+    handler's context)."""
+    meta = obj.get("metadata") or {}
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    body: Any = {
+        "metadata": {"generateName": f"{meta.get('name')}.", "namespace": meta.get("namespace")},
+        "involvedObject": {
+            "apiVersion": obj.get("apiVersion", contract.API_VERSION), "kind": obj.get("kind", contract.KIND),
+            "name": meta.get("name"), "namespace": meta.get("namespace"), "uid": meta.get("uid"),
+        },
+        "type": type_, "reason": reason, "message": message[:1024],
+        "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+        "source": {"component": "kubeinfer"}, "reportingComponent": "kubeinfer",
+    }  # fmt: skip
+    await client.CoreV1Api(api).create_namespaced_event(str(meta.get("namespace")), body)
 
 
 async def install_crd(api: client.ApiClient, body: Any, timeout: float = 60) -> None:

@@ -40,8 +40,51 @@ def tiny(name: str, **spec_overrides):
     return doc
 
 
+class FakeGateway:
+    """Serves `/metrics` as a gateway replica would, with the per-model load a test sets: the
+    autoscaler's input, injected."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        self.loads: dict[str, float] = {}
+        self.up = True
+        gateway = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if not gateway.up:
+                    self.send_error(503)
+                    return
+                lines = ["# TYPE kubeinfer_gateway_model_load gauge"]
+                lines += [
+                    f'kubeinfer_gateway_model_load{{model="{m}"}} {v}' for m, v in gateway.loads.items()
+                ]
+                body = ("\n".join(lines) + "\n").encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
 @pytest.fixture(scope="session")
-async def operator_process(control_plane, tmp_path_factory):
+def fake_gateway():
+    gw = FakeGateway()
+    yield gw
+    gw.server.shutdown()
+
+
+@pytest.fixture(scope="session")
+async def operator_process(control_plane, tmp_path_factory, fake_gateway):
     """The operator, authenticated as a ServiceAccount holding only the chart's operator ClusterRole."""
     from kubernetes_asyncio import config
 
@@ -56,7 +99,9 @@ async def operator_process(control_plane, tmp_path_factory):
             admin, control_plane.kubeconfig, rules, "kubeinfer-operator-test", state / "kubeconfig"
         )
     port = _free_port()
-    proc = OperatorProcess(kubeconfig, state / "operator.log", port)
+    # The autoscaler reads the fake gateway every second and averages over 2 s, so tests take seconds.
+    autoscaler = ("--gateway-url", fake_gateway.url, "--autoscale-interval", "1", "--autoscale-window", "2")
+    proc = OperatorProcess(kubeconfig, state / "operator.log", port, args=autoscaler)
     proc.start()
     yield proc
     proc.stop()
@@ -500,3 +545,109 @@ async def test_status_written_by_someone_else_is_corrected(api, wait_for):
             "Progressing",
             "Degraded",
         }
+
+
+def _autoscaled(name: str, **autoscaling):
+    doc = tiny(name)
+    doc["spec"]["autoscaling"] = {"minReplicas": 1, "maxReplicas": 3, "targetInflightPerReplica": 4,
+                                  "scaleDownDelay": "6s", **autoscaling}  # fmt: skip
+    doc["spec"]["replicas"] = max(1, doc["spec"]["autoscaling"]["minReplicas"])
+    return doc
+
+
+async def _replicas(api, name):
+    scale = await client.CustomObjectsApi(api).get_namespaced_custom_object_scale(G, V, NS, P, name)
+    return scale["spec"]["replicas"]
+
+
+async def _events(api, name, reason):
+    events = await client.CoreV1Api(api).list_namespaced_event(
+        NS, field_selector=f"involvedObject.name={name}"
+    )
+    return [e.message for e in events.items if e.reason == reason]
+
+
+async def test_builtin_autoscaler_scales_up_at_once_and_down_after_the_delay(api, wait_for, fake_gateway):
+    name = "auto-a"
+    async with created(api, _autoscaled(name)):
+        await wait_for(await _ready(api, name), timeout=90, what="model Ready")
+        fake_gateway.loads[name] = 9.0  # 9 in flight + queued, target 4 per replica: 3 replicas
+
+        async def at(n):
+            async def check():
+                return n if await _replicas(api, name) == n else None
+
+            return check
+
+        t0 = asyncio.get_running_loop().time()
+        await wait_for(await at(3), timeout=15, what="scaled to 3")
+        up_after = asyncio.get_running_loop().time() - t0
+        obj = await wait_for(await _ready(api, name, want_ready=3), timeout=90, what="3 ready")
+        auto = obj["status"]["autoscaling"]
+        assert auto["desiredReplicas"] == 3 and auto["lastScaleReason"].endswith("1 -> 3"), auto
+        assert auto["lastScaleTime"]
+        deployment = await _deployment(api, name)
+        assert deployment.spec.replicas == 3  # the scale went through the model into its Deployment
+        assert any("1 -> 3" in m for m in await _events(api, name, "Scaled"))
+
+        fake_gateway.loads[name] = 0.0
+        t1 = asyncio.get_running_loop().time()
+        await asyncio.sleep(4)
+        assert await _replicas(api, name) == 3, "scaled down before scaleDownDelay (6s)"
+        await wait_for(await at(1), timeout=20, what="back to minReplicas")
+        down_after = asyncio.get_running_loop().time() - t1
+        assert down_after >= 6, down_after
+        assert up_after < 6, up_after
+        # Down in steps: the rounds while the 2 s window still held some load asked for 2 replicas,
+        # and a scale-down goes to the highest recommendation of the last scaleDownDelay.
+        downs = [m for m in await _events(api, name, "Scaled") if "3 ->" in m or "2 ->" in m]
+        assert downs and downs[-1].endswith("-> 1"), downs
+
+
+async def test_builtin_autoscaler_respects_bounds_and_scales_an_idle_model_to_zero(
+    api, wait_for, fake_gateway
+):
+    name = "auto-b"
+    async with created(api, _autoscaled(name, minReplicas=0, maxReplicas=2)):
+        fake_gateway.loads[name] = 100.0  # far over target: bounded by maxReplicas
+
+        async def replicas_are(n):
+            async def check():
+                return n if await _replicas(api, name) == n else None
+
+            return check
+
+        await wait_for(await replicas_are(2), timeout=15, what="scaled to maxReplicas")
+        await asyncio.sleep(2)
+        assert await _replicas(api, name) == 2
+        fake_gateway.loads.pop(name)  # idle: the gateway no longer reports it at all
+
+        async def scaled_to_zero():
+            obj = await _get(api, name)
+            ready = _cond(obj, "Ready")
+            ok = obj["spec"]["replicas"] == 0 and ready.get("reason") == "ScaledToZero"
+            return obj if ok and obj["status"].get("replicas") == 0 else None
+
+        obj = await wait_for(scaled_to_zero, timeout=40, what="scaled to zero")
+        assert _cond(obj, "Degraded").get("status") == "False"  # idle is not an error
+        assert "idle" in _cond(obj, "Ready")["message"]
+        assert obj["status"]["autoscaling"]["lastScaleReason"].endswith("-> 0")
+
+
+async def test_builtin_autoscaler_never_scales_down_blind(api, wait_for, fake_gateway):
+    """With the gateway unreachable there is no signal: replicas stay, whatever the delay."""
+    name = "auto-c"
+    async with created(api, _autoscaled(name, minReplicas=0, scaleDownDelay="2s")):
+        fake_gateway.loads[name] = 5.0
+
+        async def two():
+            return 2 if await _replicas(api, name) == 2 else None
+
+        await wait_for(two, timeout=15, what="scaled to 2")
+        fake_gateway.up = False
+        try:
+            await asyncio.sleep(6)
+            assert await _replicas(api, name) == 2
+        finally:
+            fake_gateway.up = True
+            fake_gateway.loads.pop(name, None)

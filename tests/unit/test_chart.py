@@ -249,9 +249,12 @@ def test_operator_rbac_is_exactly_what_it_needs(helm: Any) -> None:
     assert rules_of(objs["ClusterRole", OPERATOR]) == {
         ("kubeinfer.io", "llmmodels"): {"get", "list", "watch", "patch", "update"},
         ("kubeinfer.io", "llmmodels/status"): {"get", "patch", "update"},
+        ("kubeinfer.io", "llmmodels/scale"): {"get", "patch", "update"},
         ("apps", "deployments"): crud,
         ("", "services"): crud,
         ("policy", "poddisruptionbudgets"): crud,
+        ("autoscaling", "horizontalpodautoscalers"): crud,
+        ("keda.sh", "scaledobjects"): crud,
         ("", "pods"): {"get", "list", "watch"},
         ("", "secrets"): {"get"},
         ("", "events"): {"create", "patch"},

@@ -171,7 +171,9 @@ def test_ledger_estimates_cost_from_pricing():
     app = create_app(reg, GatewaySettings(scrape_interval=3600), upstream=mock_upstream(engine))
     with TestClient(app) as client:
         for _ in range(3):
-            client.post("/v1/chat/completions", json={"model": "m", "messages": []})
+            client.post(
+                "/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+            )
         (row,) = client.get("/v1/admin/usage").json()["data"]
         metrics = client.get("/metrics").text
     usage = json.loads((VLLM / "chat_completion.json").read_text())["usage"]

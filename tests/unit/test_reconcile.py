@@ -72,3 +72,26 @@ def test_foreign_controller_is_recognised():
     assert foreign_controller(theirs, "u1") == theirs["metadata"]["ownerReferences"][0]
     assert foreign_controller(plain_owner, "u1") is None
     assert foreign_controller({"metadata": {}}, "u1") is None
+
+
+def test_earlier_autoscalers_follow_the_last_handled_mode():
+    import json
+
+    from kubeinfer.operator.reconcile import LAST_HANDLED, earlier_autoscalers
+
+    def body(last):
+        annotations = (
+            {} if last is None else {LAST_HANDLED: last if isinstance(last, str) else json.dumps(last)}
+        )
+        return {"metadata": {"name": "m", "annotations": annotations}}
+
+    both = ("HorizontalPodAutoscaler", "ScaledObject")
+    assert earlier_autoscalers(body(None)) == both  # never handled to the end: either may exist
+    assert earlier_autoscalers(body("not json")) == both
+    assert earlier_autoscalers(body({"spec": {"autoscaling": {"mode": "hpa"}}})) == (
+        "HorizontalPodAutoscaler",
+    )
+    assert earlier_autoscalers(body({"spec": {"autoscaling": {"mode": "keda"}}})) == ("ScaledObject",)
+    assert earlier_autoscalers(body({"spec": {"autoscaling": {"mode": "builtin"}}})) == ()
+    assert earlier_autoscalers(body({"spec": {"autoscaling": {"maxReplicas": 3}}})) == ()
+    assert earlier_autoscalers(body({"spec": {}})) == ()

@@ -155,3 +155,108 @@ def test_config_overrides_images(tmp_path):
     cfg = load_config(f)
     assert cfg.image_for("vllm") == "mirror.local:5000/custom/vllm:1"
     assert cfg.image_for("llama-server").endswith(CONFIG.images.llama_server)
+
+
+# --- autoscaling.mode hpa / keda: the ecosystem autoscalers -------------------------------------------------
+
+LLAMA_EXAMPLE = ROOT / "examples" / "llama-3.1-8b-awq.yaml"
+AUTOSCALER_KINDS = {"hpa": "HorizontalPodAutoscaler", "keda": "ScaledObject"}
+
+
+def _autoscaled(mode: str | None, **autoscaling):
+    doc = load_example(LLAMA_EXAMPLE)
+    if mode is None:
+        doc["spec"].pop("autoscaling")
+    else:
+        doc["spec"]["autoscaling"] = {**doc["spec"]["autoscaling"], "mode": mode, **autoscaling}
+    return parse_model(_with_uid(doc))
+
+
+@pytest.mark.parametrize("mode", ["hpa", "keda"])
+def test_golden_autoscaler(mode):
+    """Only the autoscaler object: the rest of this model is the llama-3.1-8b-awq golden."""
+    golden = GOLDEN / f"autoscaler-{mode}.yaml"
+    model = _autoscaled(mode, scaleDownDelay="10m")
+    objs = [o for o in render(model, CONFIG) if o["kind"] == AUTOSCALER_KINDS[mode]]
+    text = f"# {LLAMA_EXAMPLE.name} with autoscaling.mode {mode}, scaleDownDelay 10m\n"
+    text += yaml.safe_dump_all(objs, sort_keys=False, width=120)
+    if os.environ.get("UPDATE_GOLDEN"):
+        golden.write_text(text)
+    assert golden.exists(), f"missing {golden}; run `make golden`"
+    assert text == golden.read_text(), f"the {mode} autoscaler renders differently from {golden}"
+
+
+@pytest.mark.parametrize("mode", [None, "builtin", "off", "hpa", "keda"])
+def test_autoscaler_object_only_for_hpa_and_keda(mode):
+    model = _autoscaled(mode)
+    kinds = [o["kind"] for o in render(model, CONFIG)]
+    assert kinds[:3] == ["Deployment", "Service", "PodDisruptionBudget"]
+    assert kinds[3:] == ([AUTOSCALER_KINDS[mode]] if mode in AUTOSCALER_KINDS else [])
+    # The autoscaler's settings never restart pods, whatever the mode.
+    assert spec_hash(model) == spec_hash(_autoscaled(None))
+
+
+def test_hpa_scales_the_llmmodel_on_the_gateways_load():
+    model = _autoscaled(
+        "hpa", minReplicas=2, maxReplicas=6, targetInflightPerReplica=12, scaleDownDelay="90s"
+    )
+    hpa = {o["kind"]: o for o in render(model, CONFIG)}["HorizontalPodAutoscaler"]
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["metadata"]["name"] == contract.child_name(model.name)
+    assert hpa["metadata"]["ownerReferences"][0]["uid"] == model.metadata.uid
+    spec = hpa["spec"]
+    assert spec["scaleTargetRef"] == {
+        "apiVersion": "kubeinfer.io/v1alpha1",
+        "kind": "LLMModel",
+        "name": "llama31-8b",
+    }
+    assert (spec["minReplicas"], spec["maxReplicas"]) == (2, 6)
+    [metric] = spec["metrics"]
+    assert metric["type"] == "External"
+    assert metric["external"]["metric"] == {
+        "name": "kubeinfer_gateway_model_load",
+        "selector": {"matchLabels": {"model": "llama31-8b"}},
+    }
+    # AverageValue over an External metric: desired = ceil(sum of load / target).
+    assert metric["external"]["target"] == {"type": "AverageValue", "averageValue": "12"}
+    assert spec["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 90
+    assert spec["behavior"]["scaleUp"]["stabilizationWindowSeconds"] == 0
+
+
+def test_hpa_stabilization_window_is_capped_at_the_apis_hour():
+    hpa = render(_autoscaled("hpa", scaleDownDelay="2h"), CONFIG)[-1]
+    assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 3600
+    so = render(_autoscaled("keda", scaleDownDelay="2h"), CONFIG)[-1]
+    assert so["spec"]["cooldownPeriod"] == 7200  # KEDA's own cooldown has no such cap
+
+
+def test_scaled_object_queries_the_configured_prometheus(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("prometheusAddress: http://prom.obs.svc:9090\n")
+    model = _autoscaled(
+        "keda", minReplicas=0, maxReplicas=3, targetInflightPerReplica=5, scaleDownDelay="1m30s"
+    )
+    so = render(model, load_config(f))[-1]
+    assert (so["apiVersion"], so["kind"]) == ("keda.sh/v1alpha1", "ScaledObject")
+    assert so["metadata"]["name"] == contract.child_name(model.name)
+    spec = so["spec"]
+    assert spec["scaleTargetRef"] == {
+        "apiVersion": "kubeinfer.io/v1alpha1",
+        "kind": "LLMModel",
+        "name": "llama31-8b",
+    }
+    assert (spec["minReplicaCount"], spec["maxReplicaCount"], spec["cooldownPeriod"]) == (0, 3, 90)
+    assert (
+        spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"][
+            "stabilizationWindowSeconds"
+        ]
+        == 90
+    )
+    [trigger] = spec["triggers"]
+    assert trigger["type"] == "prometheus"
+    assert trigger["metadata"] == {
+        "serverAddress": "http://prom.obs.svc:9090",
+        "query": 'sum(kubeinfer_gateway_model_load{model="llama31-8b"})',
+        "threshold": "5",
+    }
+    assert CONFIG.prometheus_address == "http://prometheus-operated.monitoring.svc:9090"

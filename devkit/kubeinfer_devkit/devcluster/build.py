@@ -52,6 +52,8 @@ KUBERNETES_VERSION = "v1.34.10"  # kube-apiserver, kube-controller-manager, kube
 ETCD_VERSION = "v3.6.16"
 KWOK_VERSION = "v0.8.0"
 HELM_VERSION = "v3.19.5"
+# Not built: only KEDA's CRDs are read from its module (keda_crd), to test ScaledObjects against them.
+KEDA_VERSION = "v2.20.2"
 
 # `go build -p`: the machines this runs on have 2 cores; more only adds memory pressure.
 BUILD_JOBS = 2
@@ -372,6 +374,46 @@ def build_lock(name: str = "") -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def keda_crd(name: str = "keda.sh_scaledobjects.yaml", version: str = KEDA_VERSION) -> Path:
+    """One of KEDA's CRD manifests (config/crd/bases/<name>), taken from its Go module through the
+    module proxy and cached as ${XDG_CACHE_HOME:-~/.cache}/kubeinfer/crds/keda-<version>/<name>.
+
+    Raises BuildError when the module cannot be downloaded (no proxy access) or lacks the file.
+    """
+    module = "github.com/kedacore/keda/v2"
+    dest = cache_root() / "crds" / f"keda-{version}" / name
+    if dest.is_file():
+        return dest
+    go = _go()
+    with tempfile.TemporaryDirectory(prefix="kubeinfer-keda-") as tmp:
+        proc = subprocess.run(
+            [go, "mod", "download", "-json", f"{module}@{version}"],
+            cwd=tmp, capture_output=True, text=True, env=_go_env(), timeout=600,
+        )  # fmt: skip
+    try:
+        data = json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        data = {}
+    rel = f"config/crd/bases/{name}"
+    text: str | None = None
+    if data.get("Dir") and (Path(data["Dir"]) / rel).is_file():
+        text = (Path(data["Dir"]) / rel).read_text()
+    elif data.get("Zip") and Path(data["Zip"]).is_file():
+        # The zip is there even when the local Go is older than KEDA's go.mod asks (no Dir then).
+        import zipfile
+
+        with zipfile.ZipFile(data["Zip"]) as zf, contextlib.suppress(KeyError):
+            text = zf.read(f"{module}@{version}/{rel}").decode()
+    if text is None:
+        why = data.get("Error") or proc.stderr.strip() or f"no {rel} in the module"
+        raise BuildError(f"cannot get {name} from {module}@{version}: {why}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dest = dest.with_name(f".{name}.tmp-{os.getpid()}")
+    tmp_dest.write_text(text)
+    tmp_dest.replace(dest)
+    return dest
 
 
 def ensure_binaries(components: Iterable[str] | None = None, *, force: bool = False) -> dict[str, Path]:

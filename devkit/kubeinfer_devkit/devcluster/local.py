@@ -31,15 +31,18 @@ def free_port() -> int:
 class OperatorProcess:
     """`kubeinfer operator` as a child process, with its own kubeconfig and log file."""
 
-    def __init__(self, kubeconfig: Path, log: Path, port: int, refresh_seconds: float = 2.0):
+    def __init__(
+        self, kubeconfig: Path, log: Path, port: int, refresh_seconds: float = 2.0, args: tuple[str, ...] = ()
+    ):
         self.kubeconfig, self.log, self.port, self.refresh = kubeconfig, log, port, refresh_seconds
+        self.args = args  # more `kubeinfer operator` flags (autoscaler settings in tests)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60) -> None:
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
         cmd = [
             sys.executable, "-m", "kubeinfer.cli", "operator", "--liveness-host", "127.0.0.1",
-            "--liveness-port", str(self.port), "--refresh-seconds", str(self.refresh),
+            "--liveness-port", str(self.port), "--refresh-seconds", str(self.refresh), *self.args,
         ]  # fmt: skip
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)

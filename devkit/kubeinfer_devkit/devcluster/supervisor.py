@@ -200,16 +200,26 @@ class Stack:
 
                 port = free_port()
                 self.layout.write(operatorPort=port)
+            # The builtin autoscaler reads the load from the stack's one gateway (no gateway pods here).
             argv = [*py, "kubeinfer.cli", "operator", "--liveness-host", "127.0.0.1",
-                    "--liveness-port", str(port), "--refresh-seconds", "10"]  # fmt: skip
+                    "--liveness-port", str(port), "--refresh-seconds", "10",
+                    "--gateway-url", self._gateway_url_once()]  # fmt: skip
             return argv, lambda: _http_ok(f"http://127.0.0.1:{port}/healthz")
-        if not _port_free(self.gateway_port):
-            from kubeinfer_devkit.devcluster.local import free_port
-
-            old, self.gateway_port = self.gateway_port, free_port()
-            say(f"port {old} is taken; the gateway listens on {self.gateway_port}")
+        self._gateway_url_once()
         argv = [*py, "kubeinfer.cli", "gateway", "--host", "127.0.0.1", "--port", str(self.gateway_port)]
         return argv, lambda: _http_ok(f"{self.gateway_url}/readyz")
+
+    def _gateway_url_once(self) -> str:
+        """The gateway's URL, its port chosen once (the operator needs it before the gateway starts;
+        a restarted child must not see the gateway's own port as taken)."""
+        if not getattr(self, "_gateway_port_chosen", False):
+            if not _port_free(self.gateway_port):
+                from kubeinfer_devkit.devcluster.local import free_port
+
+                old, self.gateway_port = self.gateway_port, free_port()
+                say(f"port {old} is taken; the gateway listens on {self.gateway_port}")
+            self._gateway_port_chosen = True
+        return str(self.gateway_url)
 
     def _start_child(self, name: str) -> None:
         argv, ready = self._argv(name)

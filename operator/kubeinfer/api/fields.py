@@ -22,6 +22,14 @@ SOURCE_RE = (
 PARAMETERS_RE = r"^[0-9]+(\.[0-9]+)?[MBT](-A[0-9]+(\.[0-9]+)?[MB])?$"
 LABEL_VALUE_RE = r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
 
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def duration_seconds(text: str) -> float:
+    """'30s', '5m', '1h30m', '500ms' -> seconds (the API's Duration format)."""
+    return sum(float(n) * _DURATION_UNITS[u] for n, u in _DURATION_PART.findall(text))
+
 
 def _quantity_to_str(value: Any) -> Any:
     # Users write `cpu: 4` as often as `cpu: "4"`; keep one canonical string form.

@@ -24,6 +24,7 @@ Engine = Literal["vllm", "llama-server"]
 Modality = Literal["text", "image"]
 Thinking = Literal["default", "enabled", "disabled"]
 RoutingStrategy = Literal["least-load", "prefix-aware", "round-robin"]
+AutoscalingMode = Literal["builtin", "hpa", "keda", "off"]
 
 
 class SecretKeyRef(Base):
@@ -223,19 +224,28 @@ class Scheduling(Base):
 
 
 class Autoscaling(Base):
-    """Replica bounds and target load for the autoscaler."""
+    """Replica bounds and target load for the autoscaler (docs/operator.md, "Autoscaling")."""
 
     model_config = ConfigDict(
         json_schema_extra=cel(
             ("self.minReplicas <= self.maxReplicas", "autoscaling.minReplicas must not exceed maxReplicas"),
+            (
+                "self.mode != 'hpa' || self.minReplicas >= 1",
+                "autoscaling.minReplicas 0 needs mode builtin or keda: a HorizontalPodAutoscaler cannot "
+                "scale to zero",
+            ),
         )
     )
 
+    mode: AutoscalingMode = "builtin"
+    """Who scales: `builtin` (the operator, from the gateways' load), `hpa` (a HorizontalPodAutoscaler on
+    the gateway's Prometheus metric, through a metrics adapter), `keda` (a KEDA ScaledObject on the
+    same metric), or `off` (bounds only; replicas stay as set)."""
     min_replicas: int = Field(default=1, ge=0, le=1000)
-    """Lowest replica count; 0 scales to zero when idle."""
+    """Lowest replica count; 0 scales to zero when idle (builtin, keda)."""
     max_replicas: int = Field(default=1, ge=1, le=1000)
     target_inflight_per_replica: int = Field(default=8, ge=1, le=10000)
-    """In-flight requests per replica the autoscaler aims for."""
+    """In-flight plus queued requests per replica the autoscaler aims for."""
     scale_down_delay: Duration = "5m"
     """How long load must stay low before replicas are removed."""
 
@@ -365,6 +375,19 @@ class Estimate(Base):
     message: str | None = None
 
 
+class AutoscalingStatus(Base):
+    """What the builtin autoscaler saw and decided last."""
+
+    desired_replicas: int | None = None
+    """Replicas the autoscaler wants now (before scaleDownDelay holds a scale-down back)."""
+    load: float | None = None
+    """In-flight plus queued requests over every gateway, averaged over the autoscaler's window."""
+    last_scale_time: str | None = None
+    """When the autoscaler last changed spec.replicas (RFC 3339)."""
+    last_scale_reason: str | None = None
+    """Why: for example `load 17.5 over target 8 per replica: 1 -> 3`."""
+
+
 class LLMModelStatus(Base):
     conditions: list[Condition] | None = None
     observed_generation: int | None = None
@@ -378,6 +401,7 @@ class LLMModelStatus(Base):
     """In-cluster URL of the model's Service."""
     spec_hash: str | None = None
     estimate: Estimate | None = None
+    autoscaling: AutoscalingStatus | None = None
 
 
 class ObjectMeta(BaseModel):

@@ -3,7 +3,7 @@
 `create_app` wires it together: the State (gateway/state.py) lives for the app's lifetime, a scraper
 task reads every replica's /metrics, and an optional discovery task keeps the registry current. The
 hot path, `POST /v1/...`, is dispatched before Starlette's router and middleware; everything else
-(`/v1/models`, `/v1/admin/*`, health and metrics) is a plain Starlette route.
+(`/v1/models`, `/v1/admin/*`, health, metrics and `/openapi.json`) is a plain Starlette route.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from kubeinfer.gateway.auth import ApiKey, Denied, KeyStore
+from kubeinfer.gateway.limits import header_bytes
+from kubeinfer.gateway.openapi import DOCUMENT
 from kubeinfer.gateway.proxy import PROXIED, proxy
 from kubeinfer.gateway.registry import Registry
 from kubeinfer.gateway.relay import Receive, Scope, Send
@@ -118,7 +120,7 @@ async def admin_usage(request: Request) -> JSONResponse:
 
 
 async def healthz(request: Request) -> Response:
-    return Response("ok")
+    return Response("ok", media_type="text/plain")
 
 
 async def readyz(request: Request) -> Response:
@@ -126,8 +128,8 @@ async def readyz(request: Request) -> Response:
     answer 404 to every request, so it must not get traffic."""
     ready: Callable[[], bool] | None = request.app.state.ready
     if ready is not None and not ready():
-        return Response("discovery not synced", status_code=503)
-    return Response("ok")
+        return Response("discovery not synced", status_code=503, media_type="text/plain")
+    return Response("ok", media_type="text/plain")
 
 
 async def metrics_endpoint(request: Request) -> Response:
@@ -166,18 +168,45 @@ async def scrape_once(state: State) -> None:
 
 
 class GatewayApp:
-    """ASGI entry point: `POST /v1/<proxied API>` goes straight to the proxy, the rest to Starlette."""
+    """ASGI entry point: `POST /v1/<proxied API>` goes straight to the proxy, the rest to Starlette.
 
-    def __init__(self, router: Starlette) -> None:
+    A known path asked with another method is 405 with `Allow`, an unknown path 404, both in OpenAI's
+    error envelope."""
+
+    def __init__(self, router: Starlette, max_header_bytes: int = 64 << 10) -> None:
         self.router = router
         self.state = router.state  # tests and the CLI reach the State as app.state.gw
+        self.get_paths = frozenset(r.path for r in router.routes if isinstance(r, Route))
+        self.max_header_bytes = max_header_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].startswith("/v1/"):
-            path = scope["path"][4:]
-            if path in PROXIED or not path.startswith("admin/"):
-                return await proxy(self.router.state.gw, scope, receive, send)
+        if scope["type"] == "http" and header_bytes(scope["headers"]) > self.max_header_bytes:
+            limit = self.max_header_bytes
+            resp = error(431, f"request headers over {limit} bytes", "invalid_request_error",
+                         code="request_header_fields_too_large", headers={"connection": "close"})  # fmt: skip
+            return await resp(scope, receive, send)
+        if scope["type"] == "http":
+            path, method = scope["path"], scope["method"]
+            if path.startswith("/v1/") and path[4:] in PROXIED:
+                if method == "POST":
+                    return await proxy(self.router.state.gw, scope, receive, send)
+                return await _not_allowed(method, path, "POST")(scope, receive, send)
+            # Starlette's own 404 and 405 are plain text: answer them here, in the envelope.
+            if path not in self.get_paths:
+                resp = error(404, f"unknown endpoint {path}", "invalid_request_error", code="not_found")
+                return await resp(scope, receive, send)
+            if method not in ("GET", "HEAD"):
+                return await _not_allowed(method, path, "GET, HEAD")(scope, receive, send)
         await self.router(scope, receive, send)
+
+
+def _not_allowed(method: str, path: str, allow: str) -> JSONResponse:
+    return error(405, f"{path} does not take {method}, only {allow}", "invalid_request_error",
+                 code="method_not_allowed", headers={"Allow": allow})  # fmt: skip
+
+
+async def openapi_document(request: Request) -> JSONResponse:
+    return JSONResponse(DOCUMENT)
 
 
 def create_app(
@@ -212,7 +241,7 @@ def create_app(
                 await scrape_once(state)
                 await asyncio.sleep(settings.scrape_interval)
 
-        tasks = [asyncio.create_task(scraper())]
+        tasks = [asyncio.create_task(scraper()), asyncio.create_task(state.body_deadlines.run())]
         if discover is not None:
             tasks.append(asyncio.create_task(discover(registry)))
         try:
@@ -229,7 +258,8 @@ def create_app(
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
+        Route("/openapi.json", openapi_document, methods=["GET"]),
     ]
     router = Starlette(routes=routes, lifespan=lifespan)
     router.state.ready = ready
-    return GatewayApp(router)
+    return GatewayApp(router, settings.max_header_bytes)

@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from kubeinfer.cliutil import CLIError
 
@@ -16,7 +16,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     import uvicorn
 
     from kubeinfer.gateway import logs
-    from kubeinfer.gateway.app import GatewaySettings, create_app
+    from kubeinfer.gateway.app import create_app
     from kubeinfer.gateway.auth import KeyStore
     from kubeinfer.gateway.registry import load_static, load_static_keys
 
@@ -53,16 +53,30 @@ def cmd_gateway(args: argparse.Namespace) -> int:
                 found.synced = synced  # /readyz answers 200 once models, pods and keys are listed
                 await found.run()
 
-    settings = GatewaySettings(
-        scrape_interval=config.scrape_interval, scrape_timeout=config.scrape_timeout,
-        hold_timeout=config.hold_timeout, retries=config.retries, max_body_bytes=config.max_body_bytes,
-    )  # fmt: skip
+    settings = gateway_settings(config)
     metrics = prometheus_client.CollectorRegistry()
     if args.metrics_port:  # the same registry is also served at /metrics on the API port
         prometheus_client.start_http_server(args.metrics_port, registry=metrics)
     app = create_app(registry, settings, metrics=metrics, discover=discover, keys=keys, ready=ready)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    uvicorn.run(app, host=args.host, port=args.port, **uvicorn_options(config))
     return 0
+
+
+def gateway_settings(config: Any) -> Any:
+    """The app's GatewaySettings from the gateway's configuration (a GatewayConfig)."""
+    from kubeinfer.gateway.state import GatewaySettings
+
+    return GatewaySettings(
+        scrape_interval=config.scrape_interval, scrape_timeout=config.scrape_timeout,
+        hold_timeout=config.hold_timeout, retries=config.retries, max_body_bytes=config.max_body_bytes,
+        max_body_bytes_by_route=dict(config.max_body_bytes_by_route), body_timeout=config.body_timeout,
+        max_header_bytes=config.max_header_bytes, max_concurrent_per_client=config.max_concurrent_per_client,
+    )  # fmt: skip
+
+
+def uvicorn_options(config: Any) -> dict[str, Any]:
+    """uvicorn.run's keyword arguments besides the address (tests serve the app with the same)."""
+    return {"log_level": "warning", "access_log": False, "timeout_keep_alive": config.keep_alive_timeout}
 
 
 def gateway_config(args: argparse.Namespace) -> Any:
@@ -76,13 +90,38 @@ def gateway_config(args: argparse.Namespace) -> Any:
     except Exception as exc:  # pydantic or YAML errors: one clear message
         raise CLIError(f"{args.config}: {exc}") from None
     flags = {k: v for k, v in vars(args).items() if k in GATEWAY_FLAGS and v is not None}
+    if "max_body_bytes_by_route" in flags:  # --max-body-bytes-for adds to (or changes) the file's routes
+        flags["max_body_bytes_by_route"] = {
+            **config.max_body_bytes_by_route,
+            **flags["max_body_bytes_by_route"],
+        }
     return config.model_copy(update=flags)
+
+
+def _route_limit(text: str) -> tuple[str, int]:
+    """`--max-body-bytes-for ROUTE=BYTES`."""
+    from kubeinfer.gateway.config import Route
+
+    route, _, size = text.partition("=")
+    routes = get_args(Route)
+    if route not in routes or not size.isdigit() or int(size) < 1024:
+        raise argparse.ArgumentTypeError(f"{text!r}: want ROUTE=BYTES, ROUTE one of {', '.join(routes)}, "
+                                         "BYTES at least 1024")  # fmt: skip
+    return route, int(size)
+
+
+class _RouteLimits(argparse.Action):
+    def __call__(self, parser: Any, namespace: argparse.Namespace, value: Any, option: Any = None) -> None:
+        limits = dict(getattr(namespace, self.dest) or {})
+        limits[value[0]] = value[1]
+        setattr(namespace, self.dest, limits)
 
 
 # Flags of `kubeinfer gateway` that override the same-named field of its --config file.
 GATEWAY_FLAGS = frozenset(
     {"scrape_interval", "scrape_timeout", "hold_timeout", "retries", "max_body_bytes", "auth",
-     "keys_namespace", "log_format", "access_log"}
+     "keys_namespace", "log_format", "access_log", "max_body_bytes_by_route", "max_header_bytes",
+     "body_timeout", "max_concurrent_per_client", "keep_alive_timeout"}
 )  # fmt: skip
 
 
@@ -102,6 +141,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--hold-timeout", type=float, help="seconds to wait for a replica (model's queueTimeout)")
     p.add_argument("--retries", type=int, help="retries on another replica before the first byte (2)")
     p.add_argument("--max-body-bytes", type=int, help="larger request bodies get 413 (32 MiB)")
+    p.add_argument(
+        "--max-body-bytes-for", dest="max_body_bytes_by_route", metavar="ROUTE=BYTES", type=_route_limit,
+        action=_RouteLimits, help="body limit of one route, e.g. embeddings=1048576 (repeatable)",
+    )  # fmt: skip
+    p.add_argument("--max-header-bytes", type=int, help="larger request headers get 431 (64 KiB)")
+    p.add_argument("--body-timeout", type=float, help="seconds to receive a request body, else 408 (30)")
+    p.add_argument(
+        "--max-concurrent-per-client", type=int,
+        help="in-flight requests per API key (per address when anonymous), else 429 (no limit)",
+    )  # fmt: skip
+    p.add_argument("--keep-alive-timeout", type=float, help="seconds an idle client connection stays (5)")
     p.add_argument(
         "--auth", choices=("auto", "keys", "anonymous"),
         help="keys: every request needs an API key; anonymous: none; auto (default): anonymous until "

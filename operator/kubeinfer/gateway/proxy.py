@@ -36,8 +36,20 @@ async def proxy(state: State, scope: Scope, receive: Receive, send: Send) -> Non
     prepared = await prepare(state, request, path)
     if isinstance(prepared, JSONResponse):
         return await prepared(scope, receive, send)
-    outcome = await forward(state, prepared, arrived)
-    if isinstance(outcome, JSONResponse):
-        return await outcome(scope, receive, send)
-    trace, upstream, relay = outcome
-    await respond(state, trace, upstream, relay, receive, send)
+    slots, client = state.client_slots, ""
+    if slots is not None:  # maxConcurrentPerClient: per key, per address when anonymous
+        client = prepared.key.key_sha256 or (scope["client"] or ("",))[0]
+        if not slots.take(client):
+            state.errors.labels(prepared.entry.name, "concurrency_limit").inc()
+            resp = error(429, f"over {slots.limit} requests in flight for this client", "rate_limit_error",
+                         code="concurrency_limit_exceeded", headers={"Retry-After": "1"})  # fmt: skip
+            return await resp(scope, receive, send)
+    try:
+        outcome = await forward(state, prepared, arrived)
+        if isinstance(outcome, JSONResponse):
+            return await outcome(scope, receive, send)
+        trace, upstream, relay = outcome
+        await respond(state, trace, upstream, relay, receive, send)
+    finally:  # answered, failed, streamed to its end or cut by the client: the slot is free again
+        if slots is not None:
+            slots.give_back(client)

@@ -1,13 +1,14 @@
 """A proxied request, read and checked, and made ready to send upstream.
 
 Everything the gateway can refuse on its own is refused here, before a replica is picked: the API key,
-the body's size and JSON, the model, image content for a text-only model, the key's limits, and what
-a chat-only remote cannot be asked. What passes is a `Prepared`: the route to pick a replica by, and
-the exact body and headers to send.
+the body's size, JSON and shape (gateway/validate.py), the model, image content for a text-only
+model, the key's limits, and what a chat-only remote cannot be asked. What passes is a `Prepared`:
+the route to pick a replica by, and the exact body and headers to send.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import re
@@ -18,6 +19,7 @@ from typing import Any
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
+from kubeinfer.gateway import validate
 from kubeinfer.gateway.auth import ApiKey, Denied
 from kubeinfer.gateway.registry import ModelEntry
 from kubeinfer.gateway.routing import RouteRequest, prefix_blocks
@@ -64,27 +66,48 @@ def _has_image(body: dict[str, Any]) -> bool:
     return False
 
 
-async def _read_body(request: Request, limit: int) -> bytes | None:
-    """The body, or None if it exceeds `limit` (stops reading as soon as it does)."""
+async def _read_body(state: State, request: Request, path: str) -> bytes | JSONResponse:
+    """The body, or the error to answer: 413 over the route's limit (as soon as it is), 408 when it is
+    not in within `body_timeout` (BodyDeadlines cancels the read; no timer per request)."""
+    settings = state.settings
+    limit = settings.max_body_bytes_by_route.get(path, settings.max_body_bytes)
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
-        return None
+        return _too_large(limit)
     # What request.stream() does, without an async generator per request.
     receive = request.receive
     chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.request":
-            chunk = message.get("body", b"")
-            if chunk:
-                size += len(chunk)
-                if size > limit:
-                    return None
-                chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
-        elif message["type"] == "http.disconnect":
-            raise ClientDisconnect()
+    deadlines, task = state.body_deadlines, asyncio.current_task()
+    assert task is not None  # a request is always served by a task
+    deadlines.start(task)
+    try:
+        while True:
+            message = await receive()
+            if message["type"] == "http.request":
+                chunk = message.get("body", b"")
+                if chunk:
+                    size += len(chunk)
+                    if size > limit:
+                        return _too_large(limit)
+                    chunks.append(chunk)
+                if not message.get("more_body", False):
+                    return b"".join(chunks)
+            elif message["type"] == "http.disconnect":
+                raise ClientDisconnect()
+    except asyncio.CancelledError:
+        if not deadlines.timed_out(task):
+            raise
+        state.errors.labels("", "request_timeout").inc()
+        # The connection stays open: the server discards the rest of the body without a handler, and a
+        # client still sending can read its 408 (a close would reset the connection under it).
+        return error(408, f"request body not received within {deadlines.timeout:g}s", "invalid_request_error",
+                     code="request_timeout")  # fmt: skip
+    finally:
+        deadlines.finish(task)
+
+
+def _too_large(limit: int) -> JSONResponse:
+    return error(413, f"request body over {limit} bytes", "invalid_request_error", code="request_too_large")
 
 
 _DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
@@ -133,19 +156,17 @@ async def prepare(state: State, request: Request, path: str) -> JSONResponse | P
     except Denied as denied:
         state.errors.labels("", denied.code).inc()
         return error(denied.status, denied.message, "invalid_request_error", code=denied.code)
-    raw = await _read_body(request, state.settings.max_body_bytes)
-    if raw is None:
-        return error(413, f"request body over {state.settings.max_body_bytes} bytes", "invalid_request_error",
-                     code="request_too_large")  # fmt: skip
+    raw = await _read_body(state, request, path)
+    if isinstance(raw, JSONResponse):
+        return raw
     try:
-        body = json.loads(raw)
-    except ValueError as exc:
-        return error(400, f"request body is not valid JSON: {exc}", "invalid_request_error")
-    if not isinstance(body, dict):
-        return error(400, "request body must be a JSON object", "invalid_request_error")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        return error(400, "you must provide a model parameter", "invalid_request_error", param="model")
+        body = validate.parse(raw)  # JSON, an object, not nested too deep
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            return error(400, "you must provide a model parameter", "invalid_request_error", param="model")
+        validate.check(path, body)  # the fields the gateway relies on (gateway/validate.py)
+    except validate.Invalid as exc:
+        return error(400, exc.message, "invalid_request_error", param=exc.param)
     entry = state.registry.resolve(model)
     if entry is None:
         state.errors.labels(model, "model_not_found").inc()

@@ -87,9 +87,13 @@ def parse_metrics(text: str, engine: EngineName | None = None) -> ReplicaStats:
     missing = [name for name in (running, waiting) if name not in sums]
     if missing:
         raise ScrapeError(f"not {engine} metrics: missing {', '.join(missing)}")
+    bad = [f"{name}={sums[name]}" for name in (running, waiting) if not 0 <= sums[name] < math.inf]
+    if bad:  # a negative or infinite load is no load reading either
+        raise ScrapeError(f"not {engine} metrics: {', '.join(bad)}")
 
     def counter(name: str) -> int | None:
-        return int(sums[name]) if name in sums else None
+        # A counter that is negative or summed past a float's range is as good as not exported.
+        return int(sums[name]) if name in sums and 0 <= sums[name] < math.inf else None
 
     if engine == "vllm":
         queries, hits = counter("vllm:prefix_cache_queries_total"), counter("vllm:prefix_cache_hits_total")

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from kubeinfer.gateway.admission import ModelQueue
 from kubeinfer.gateway.auth import KeyStore
+from kubeinfer.gateway.limits import BodyDeadlines, ClientSlots
 from kubeinfer.gateway.registry import ModelEntry, Registry
 from kubeinfer.gateway.routing import Endpoint, Load, PrefixIndex
 from kubeinfer.gateway.upstream import Upstream
@@ -48,6 +49,13 @@ class Series(Generic[M]):
 @dataclass
 class GatewaySettings:
     max_body_bytes: int = 32 << 20
+    max_body_bytes_by_route: dict[str, int] = field(default_factory=dict)
+    """Body limits of some routes (the path after /v1/); the others have max_body_bytes."""
+    max_header_bytes: int = 64 << 10
+    body_timeout: float = 30.0
+    """Seconds from the start of reading a body to its last byte (408 after that)."""
+    max_concurrent_per_client: int | None = None
+    """In-flight requests per API key, or per client address when anonymous (429 beyond); None: no limit."""
     retries: int = 2
     hold_timeout: float | None = None
     """How long a request may wait for a replica; None: the model's routing.queueTimeout."""
@@ -72,6 +80,9 @@ class State:
 
     def __post_init__(self) -> None:
         self._register()
+        limit = self.settings.max_concurrent_per_client
+        self.client_slots = ClientSlots(limit) if limit is not None else None
+        self.body_deadlines = BodyDeadlines(self.settings.body_timeout)  # swept by a task of the app
 
     def _register(self) -> None:
         self.requests = Counter(

@@ -22,6 +22,18 @@ class Usage:
     completion_tokens: int = 0
 
 
+def _count(value: Any) -> int:
+    """A token count read off an upstream's JSON; 0 for what is not a number (never worth a crash)."""
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError, OverflowError):  # a list, "many", Infinity, NaN...
+        return 0
+
+
+def _get(obj: Any, key: str) -> Any:
+    return obj.get(key) if isinstance(obj, dict) else None
+
+
 def usage_from_dict(u: Any) -> Usage | None:
     if not isinstance(u, dict):
         return None
@@ -29,7 +41,7 @@ def usage_from_dict(u: Any) -> Usage | None:
     completion = u.get("completion_tokens", u.get("output_tokens"))
     if prompt is None and completion is None:
         return None
-    return Usage(int(prompt or 0), int(completion or 0))
+    return Usage(_count(prompt), _count(completion))
 
 
 def usage_from_json(raw: bytes) -> Usage | None:
@@ -133,13 +145,13 @@ class SSEUsage:
             return True
         kind = obj.get("type")
         if kind == "response.completed":  # Responses API
-            self.usage = usage_from_dict((obj.get("response") or {}).get("usage")) or self.usage
+            self.usage = usage_from_dict(_get(obj.get("response"), "usage")) or self.usage
             return True
         if kind == "message_start":  # Anthropic Messages: input tokens first ...
-            self._input_tokens = int(((obj.get("message") or {}).get("usage") or {}).get("input_tokens") or 0)
+            self._input_tokens = _count(_get(_get(obj.get("message"), "usage"), "input_tokens"))
             return True
         if kind == "message_delta":  # ... output tokens at the end
-            out = int((obj.get("usage") or {}).get("output_tokens") or 0)
+            out = _count(_get(obj.get("usage"), "output_tokens"))
             self.usage = Usage(self._input_tokens, out)
             return True
         usage = usage_from_dict(obj.get("usage"))

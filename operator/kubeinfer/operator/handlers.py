@@ -20,12 +20,16 @@ from typing import Any
 import kopf
 
 from kubeinfer import contract, kube
+from kubeinfer.operator import scaling
 from kubeinfer.operator.reconcile import Locks, Result, drifted, parse_body, reconcile
 from kubeinfer.render.config import load_config
 from kubeinfer.render.manifests import render
 
 MODEL = (contract.GROUP, contract.VERSION, contract.PLURAL)
 REFRESH_SECONDS = float(os.environ.get("KUBEINFER_REFRESH_SECONDS", "60"))
+# The builtin autoscaler (operator/scaling.py): 0 turns it off.
+AUTOSCALE_INTERVAL = float(os.environ.get("KUBEINFER_AUTOSCALE_INTERVAL", "10"))
+AUTOSCALE_WINDOW = float(os.environ.get("KUBEINFER_AUTOSCALE_WINDOW", "60"))
 
 _WARNING = {("ResourcesFit", "False"), ("Degraded", "True"), ("Ready", "False")}
 
@@ -46,19 +50,36 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo.last_status = {}
     memo.namespaces = [n for n in os.environ.get("KUBEINFER_NAMESPACES", "").split(",") if n]
     memo.refresher = asyncio.create_task(_refresh_forever(memo))
+    memo.scaler = None
+    if AUTOSCALE_INTERVAL > 0:
+        targets = scaling.GatewayTargets(
+            urls=tuple(u for u in os.environ.get("KUBEINFER_GATEWAY_URLS", "").split(",") if u),
+            namespace=os.environ.get("KUBEINFER_GATEWAY_NAMESPACE") or None,
+            selector=os.environ.get("KUBEINFER_GATEWAY_SELECTOR") or scaling.GatewayTargets.selector,
+            port=int(os.environ.get("KUBEINFER_GATEWAY_PORT") or scaling.GatewayTargets.port),
+        )
+        memo.scaler = asyncio.create_task(
+            scaling.run_forever(memo.api, targets, memo.namespaces, AUTOSCALE_INTERVAL, AUTOSCALE_WINDOW)
+        )
 
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     memo.refresher.cancel()
+    if memo.scaler is not None:
+        memo.scaler.cancel()
     await memo.api_cm.__aexit__(None, None, None)
 
 
-def _emit(body: Any, result: Result) -> None:
+async def _emit(body: Any, result: Result, memo: kopf.Memo, in_handler: bool) -> None:
     for type_, reason, message in result.transitions:
         status = next((c["status"] for c in result.status.get("conditions", []) if c["type"] == type_), "")
         kind = "Warning" if (type_, status) in _WARNING else "Normal"
-        kopf.event(body, type=kind, reason=reason, message=f"{type_}={status}: {message}"[:1024])
+        text = f"{type_}={status}: {message}"[:1024]
+        if in_handler:
+            kopf.event(body, type=kind, reason=reason, message=text)
+        else:  # the refresh loop: kopf.event works only inside a handler's context
+            await kube.post_event(memo.api, dict(body), kind, reason, text)
 
 
 async def _run(
@@ -76,7 +97,7 @@ async def _run(
             memo.api, dict(body), memo.config, deployment=deployment, previous=previous
         )
         memo.last_status[key] = (meta.get("generation"), result.status)
-    _emit(body, result)
+    await _emit(body, result, memo, in_handler=not fresh)
     return result
 
 

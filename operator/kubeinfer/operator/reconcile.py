@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,10 @@ from kubeinfer.render.config import RenderConfig
 from kubeinfer.render.manifests import render, spec_hash
 
 ALL_CHILDREN = ("Deployment", "Service", "PodDisruptionBudget")
+# The object that autoscaling.mode hpa / keda adds (render/manifests.py).
+AUTOSCALER_CHILDREN = {"hpa": "HorizontalPodAutoscaler", "keda": "ScaledObject"}
+# kopf's copy of the spec it last handled to the end (handlers.py: its diff-base storage).
+LAST_HANDLED = f"{contract.GROUP}/last-handled-configuration"
 
 
 @dataclass
@@ -85,6 +90,22 @@ def drifted(desired: Any, observed: Any) -> bool:
     return bool(desired != observed)
 
 
+def earlier_autoscalers(body: dict[str, Any]) -> tuple[str, ...]:
+    """Kinds of autoscaler object an earlier spec of this model may have left: the one of the mode
+    kopf last handled, or both when there is no such record (a model not yet handled to the end).
+    So a stale HorizontalPodAutoscaler or ScaledObject is deleted on the pass that changes the mode,
+    without a delete request for every model on every pass."""
+    raw = ((body.get("metadata") or {}).get("annotations") or {}).get(LAST_HANDLED)
+    try:
+        last = json.loads(raw) if raw else None
+    except ValueError:
+        last = None
+    if not isinstance(last, dict):
+        return tuple(AUTOSCALER_CHILDREN.values())
+    mode = ((last.get("spec") or {}).get("autoscaling") or {}).get("mode", "builtin")
+    return (AUTOSCALER_CHILDREN[mode],) if mode in AUTOSCALER_CHILDREN else ()
+
+
 def foreign_controller(obj: dict[str, Any], model_uid: str | None) -> dict[str, Any] | None:
     """The controller ownerReference of `obj` when it is not this model: someone else's object."""
     for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
@@ -111,6 +132,8 @@ async def apply_child(
         if not 400 <= int(exc.status or 0) < 500 or exc.status in (409, 429):
             raise
         refusal = kube.api_error_message(exc)
+        if kube.api_not_served(exc):  # no such API on this cluster (a ScaledObject without KEDA)
+            return None, ChildProblem(kind, "APINotServed", f"cannot apply {what}: {refusal}"[:1000])
     existing = await kube.get_child(api, kind, meta["namespace"], meta["name"])
     owner = foreign_controller(existing, model_uid) if existing else None
     if owner is not None:
@@ -165,7 +188,7 @@ async def reconcile(
     uid = meta.get("uid")
     if model.spec.remote is not None:
         # A model switched from pods to remote keeps no pods.
-        await kube.delete_children(api, ns, child, ALL_CHILDREN)
+        await kube.delete_children(api, ns, child, ALL_CHILDREN + earlier_autoscalers(body))
         ref = model.spec.remote.api_key_secret_ref
         ok = await kube.secret_exists(api, ns, ref.name, ref.key) if ref else True
         observed = Observed(remote_secret_ok=ok)
@@ -190,6 +213,10 @@ async def reconcile(
                 and int(previous.get("replicas") or 0) > 1
             ):
                 await kube.delete_children(api, ns, child, ("PodDisruptionBudget",))
+            # An HPA or ScaledObject stays only while autoscaling.mode asks for it.
+            stale = tuple(k for k in earlier_autoscalers(body) if k not in {o["kind"] for o in rendered})
+            if stale:
+                await kube.delete_children(api, ns, child, stale)
         if problem is not None and problem.kind == "Deployment":
             deployment = None  # not ours (or not written): its replicas say nothing about this model
         elif deployment is None:

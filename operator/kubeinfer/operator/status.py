@@ -139,7 +139,9 @@ def compute_status(
     elif ready > 0:
         conditions.append(_cond("Ready", "True", "Available", f"{ready}/{desired} replicas ready"))
     elif desired == 0:
-        conditions.append(_cond("Ready", "False", "ScaledToZero", "replicas is 0"))
+        idle = model.spec.autoscaling is not None and model.spec.autoscaling.min_replicas == 0
+        why = "scaled to zero while idle; the next request scales it up" if idle else "replicas is 0"
+        conditions.append(_cond("Ready", "False", "ScaledToZero", why))
     elif not observed.applied and not dep:
         conditions.append(
             _cond("Ready", "False", "ResourcesDoNotFit", "no pods: the model does not fit its GPUs")
@@ -239,7 +241,11 @@ def transitions(previous: dict[str, Any] | None, current: dict[str, Any]) -> lis
     return out
 
 
+# Status keys another writer owns: the autoscaler loop writes status.autoscaling on its own.
+_OWNED_ELSEWHERE = frozenset({"autoscaling"})
+
+
 def status_changed(previous: dict[str, Any] | None, current: dict[str, Any]) -> bool:
-    prev = {k: v for k, v in (previous or {}).items() if v is not None}
-    cur = {k: v for k, v in current.items() if v is not None}
+    prev = {k: v for k, v in (previous or {}).items() if v is not None and k not in _OWNED_ELSEWHERE}
+    cur = {k: v for k, v in current.items() if v is not None and k not in _OWNED_ELSEWHERE}
     return prev != cur

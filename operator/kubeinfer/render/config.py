@@ -27,6 +27,10 @@ class RenderConfig(_Base):
     startup_timeout_seconds: int = Field(default=3600, ge=60)
     pre_stop_sleep_seconds: int = Field(default=10, ge=0)
     termination_grace_period_seconds: int = Field(default=180, ge=1)
+    # Where KEDA's Prometheus scaler queries the gateways' load (autoscaling.mode keda).
+    prometheus_address: str = Field(
+        default="http://prometheus-operated.monitoring.svc:9090", pattern=r"^https?://\S+$"
+    )
 
     def image_for(self, engine: str) -> str:
         name = self.images.vllm if engine == "vllm" else self.images.llama_server

@@ -1,10 +1,12 @@
 """LLMModel -> Kubernetes objects, as plain dicts. Pure: no API calls, no clock, no randomness.
 
-A model becomes a Deployment of identical engine pods, a ClusterIP Service over them, and a
-PodDisruptionBudget when it has more than one replica. A Deployment (not a StatefulSet) because
-replicas are interchangeable and hold no state of their own: the gateway routes to pod IPs, weights
-come from a hub or a read-only claim, and a rolling update with maxUnavailable 0 keeps the old
-replicas serving until the new ones pass their readiness probe.
+A model becomes a Deployment of identical engine pods, a ClusterIP Service over them, a
+PodDisruptionBudget when it has more than one replica, and, with `autoscaling.mode` hpa or keda, a
+HorizontalPodAutoscaler or a KEDA ScaledObject that scales the LLMModel itself (its scale
+subresource). A Deployment (not a StatefulSet) because replicas are interchangeable and hold no
+state of their own: the gateway routes to pod IPs, weights come from a hub or a read-only claim, and
+a rolling update with maxUnavailable 0 keeps the old replicas serving until the new ones pass their
+readiness probe.
 
 The spec hash covers everything that shapes the pod, so a spec change is a new pod template (and a
 rollout) while a change of `replicas` or `routing` is not.
@@ -15,10 +17,12 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from typing import Any
 
 from kubeinfer import contract
-from kubeinfer.api.v1alpha1 import LLMModel
+from kubeinfer.api.fields import duration_seconds
+from kubeinfer.api.v1alpha1 import Autoscaling, LLMModel
 from kubeinfer.render.config import RenderConfig
 from kubeinfer.render.engines import engine_args, engine_command, served_names
 from kubeinfer.render.source import parse_source
@@ -305,6 +309,99 @@ def pod_disruption_budget(model: LLMModel) -> Manifest:
     }
 
 
+# The gateways' gauge the ecosystem autoscalers read: requests in flight plus queued, per model and
+# gateway replica (each gateway reports its own; the model's load is the sum over gateways).
+LOAD_METRIC = "kubeinfer_gateway_model_load"
+# The HorizontalPodAutoscaler API caps a stabilization window at one hour.
+_MAX_STABILIZATION_SECONDS = 3600
+
+
+def _scale_down_seconds(spec: Autoscaling) -> int:
+    return math.ceil(duration_seconds(spec.scale_down_delay))
+
+
+def _hpa_behavior(spec: Autoscaling) -> dict[str, Any]:
+    """Scale up at once (doubling, or four more replicas, per minute); scale down only after load has
+    stayed low for scaleDownDelay, then straight to what the load needs: the builtin rules."""
+    return {
+        "scaleUp": {
+            "stabilizationWindowSeconds": 0,
+            "selectPolicy": "Max",
+            "policies": [
+                {"type": "Percent", "value": 100, "periodSeconds": 60},
+                {"type": "Pods", "value": 4, "periodSeconds": 60},
+            ],
+        },
+        "scaleDown": {
+            "stabilizationWindowSeconds": min(_scale_down_seconds(spec), _MAX_STABILIZATION_SECONDS),
+            "selectPolicy": "Max",
+            "policies": [{"type": "Percent", "value": 100, "periodSeconds": 15}],
+        },
+    }
+
+
+def _scale_target(model: LLMModel) -> dict[str, str]:
+    # The LLMModel itself, through its scale subresource: the operator rolls spec.replicas into the
+    # Deployment, so the autoscaler and a user's `kubectl scale` meet in one place.
+    return {"apiVersion": contract.API_VERSION, "kind": contract.KIND, "name": model.name}
+
+
+def horizontal_pod_autoscaler(model: LLMModel) -> Manifest:
+    """autoscaling.mode hpa: desired = ceil(sum of the gateways' load / targetInflightPerReplica), read
+    as an External metric (a prometheus-adapter externalRule serves it; docs/operator.md)."""
+    spec = model.spec.autoscaling or Autoscaling()
+    target = str(spec.target_inflight_per_replica)  # a quantity
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": _meta(model, _labels(model)),
+        "spec": {
+            "scaleTargetRef": _scale_target(model),
+            "minReplicas": spec.min_replicas,
+            "maxReplicas": spec.max_replicas,
+            "metrics": [
+                {
+                    "type": "External",
+                    "external": {
+                        "metric": {"name": LOAD_METRIC, "selector": {"matchLabels": {"model": model.name}}},
+                        "target": {"type": "AverageValue", "averageValue": target},
+                    },
+                }
+            ],
+            "behavior": _hpa_behavior(spec),
+        },
+    }
+
+
+def scaled_object(model: LLMModel, config: RenderConfig) -> Manifest:
+    """autoscaling.mode keda: the same rule through KEDA's Prometheus scaler (which can also scale to
+    and from zero: cooldownPeriod is how long the load must be zero before the last replica goes)."""
+    spec = model.spec.autoscaling or Autoscaling()
+    return {
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "ScaledObject",
+        "metadata": _meta(model, _labels(model)),
+        "spec": {
+            "scaleTargetRef": _scale_target(model),
+            "minReplicaCount": spec.min_replicas,
+            "maxReplicaCount": spec.max_replicas,
+            "cooldownPeriod": _scale_down_seconds(spec),
+            "advanced": {"horizontalPodAutoscalerConfig": {"behavior": _hpa_behavior(spec)}},
+            "triggers": [
+                {
+                    "type": "prometheus",
+                    "metricType": "AverageValue",
+                    "metadata": {
+                        "serverAddress": config.prometheus_address,
+                        "query": f'sum({LOAD_METRIC}{{model="{model.name}"}})',
+                        "threshold": str(spec.target_inflight_per_replica),
+                    },
+                }
+            ],
+        },
+    }
+
+
 def endpoint(model: LLMModel) -> str:
     return f"http://{contract.child_name(model.name)}.{model.namespace}.svc:{contract.ENGINE_PORT}"
 
@@ -316,4 +413,9 @@ def render(model: LLMModel, config: RenderConfig) -> list[Manifest]:
     out = [deployment(model, config), service(model)]
     if model.spec.replicas > 1:
         out.append(pod_disruption_budget(model))
+    mode = model.spec.autoscaling.mode if model.spec.autoscaling else None
+    if mode == "hpa":
+        out.append(horizontal_pod_autoscaler(model))
+    elif mode == "keda":
+        out.append(scaled_object(model, config))
     return out

@@ -42,6 +42,14 @@ def as_dict(value: Any) -> JSON:
     return value if isinstance(value, dict) else {}
 
 
+def as_int(value: Any) -> int:
+    """A count off the upstream's JSON; 0 for what is not a number (never worth failing an answer over)."""
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError, OverflowError):  # a list, "many", Infinity, NaN...
+        return 0
+
+
 def text_or_parts(parts: list[JSON]) -> str | list[JSON]:
     """Plain text when there is no image: system and assistant turns must be text on many servers."""
     if all(p["type"] == "text" for p in parts):
@@ -79,8 +87,8 @@ def token_counts(usage: Any) -> tuple[int, int, int] | None:
     """(prompt, completion, cached prompt) tokens of a chat `usage` object."""
     if not isinstance(usage, dict):
         return None
-    cached = as_dict(usage.get("prompt_tokens_details")).get("cached_tokens") or 0
-    return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0), int(cached)
+    cached = as_dict(usage.get("prompt_tokens_details")).get("cached_tokens")
+    return as_int(usage.get("prompt_tokens")), as_int(usage.get("completion_tokens")), as_int(cached)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -170,7 +178,7 @@ class ChatStream:
         if not self._started:
             self._started = True
             self._suffix = id_suffix(chunk.get("id"))
-            self._created = int(chunk.get("created") or time.time())
+            self._created = as_int(chunk.get("created")) or int(time.time())
             self._model = self.request.get("model") or chunk.get("model")
             out += self._on_start()
         counts = token_counts(chunk.get("usage"))
@@ -180,7 +188,7 @@ class ChatStream:
         for choice in chunk.get("choices") or []:
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue  # the translated request never asks for n > 1
-            text = (choice.get("delta") or {}).get("content")
+            text = as_dict(choice.get("delta")).get("content")
             if isinstance(text, str) and text:
                 self._text.append(text)
                 out += self._on_text(text)

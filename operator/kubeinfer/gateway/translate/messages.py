@@ -86,7 +86,10 @@ def messages_to_chat(body: JSON) -> JSON:
 def _block(block: Any, param: str) -> JSON:
     kind = block.get("type") if isinstance(block, dict) else None
     if kind == "text":
-        return {"type": "text", "text": block.get("text", "")}
+        text = block.get("text", "")
+        if not isinstance(text, str):
+            raise TranslationError(f"{param}.text", "`text` must be a string")
+        return {"type": "text", "text": text}
     if kind == "image":
         source = as_dict(block.get("source"))
         if source.get("type") == "base64":
@@ -140,7 +143,7 @@ def chat_to_messages(chat: JSON, request: JSON) -> JSON:
         "type": "message",
         "role": "assistant",
         "model": request.get("model") or chat.get("model"),
-        "content": [{"type": "text", "text": (choice.get("message") or {}).get("content") or ""}],
+        "content": [{"type": "text", "text": as_dict(choice.get("message")).get("content") or ""}],
         "stop_reason": stop_reason,
         "stop_sequence": stop_sequence,
         "usage": _usage(chat.get("usage")) or {"input_tokens": 0, "output_tokens": 0},

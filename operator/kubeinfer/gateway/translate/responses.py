@@ -10,6 +10,7 @@ from kubeinfer.gateway.translate.common import (
     ChatStream,
     TranslationError,
     as_dict,
+    as_int,
     check_fields,
     first_choice,
     id_suffix,
@@ -110,7 +111,10 @@ def _item(item: Any, param: str) -> JSON:
 def _part(part: Any, param: str) -> JSON:
     kind = part.get("type") if isinstance(part, dict) else None
     if kind in ("input_text", "output_text"):  # output_text: an assistant turn sent back as history
-        return {"type": "text", "text": part.get("text", "")}
+        text = part.get("text", "")
+        if not isinstance(text, str):
+            raise TranslationError(f"{param}.text", "`text` must be a string")
+        return {"type": "text", "text": text}
     if kind == "input_image":
         if part.get("file_id") is not None or not part.get("image_url"):
             raise TranslationError(f"{param}.image_url", "images must be given as a URL or data URL")
@@ -142,6 +146,8 @@ def _usage(usage: Any) -> JSON | None:
 
 
 def _incomplete_reason(finish_reason: Any) -> str | None:
+    if not isinstance(finish_reason, str):  # (an upstream's list or object is no reason either)
+        return None
     return {"length": "max_output_tokens", "content_filter": "content_filter"}.get(finish_reason)
 
 
@@ -203,7 +209,7 @@ def chat_to_responses(chat: JSON, request: JSON) -> JSON:
     ValueError if `chat` is not a chat completion (an upstream fault).
     """
     choice = first_choice(chat)
-    message = choice.get("message") or {}
+    message = as_dict(choice.get("message"))
     reason = _incomplete_reason(choice.get("finish_reason"))
     if message.get("refusal"):
         part: JSON = {"type": "refusal", "refusal": message["refusal"]}
@@ -212,7 +218,7 @@ def chat_to_responses(chat: JSON, request: JSON) -> JSON:
     suffix = id_suffix(chat.get("id"))
     item = _message_item(f"msg_{suffix}", "incomplete" if reason else "completed", [part])
     return _response_object(
-        suffix, int(chat.get("created") or time.time()), request, chat.get("model"), [item],
+        suffix, as_int(chat.get("created")) or int(time.time()), request, chat.get("model"), [item],
         "incomplete" if reason else "completed", _usage(chat.get("usage")), reason,
     )  # fmt: skip
 
