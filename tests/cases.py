@@ -78,6 +78,7 @@ FULL_VLLM: dict[str, Any] = {
     },
     "replicas": 2,
     "autoscaling": {
+        "mode": "builtin",
         "minReplicas": 1,
         "maxReplicas": 4,
         "targetInflightPerReplica": 8,

@@ -74,6 +74,12 @@ def _condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
     return next((c for c in status.get("conditions") or [] if c["type"] == type_), {})
 
 
+def _no_child_problem(status: dict[str, Any]) -> None:
+    """Every child was applied (the pods may still fail later: they are not the point here)."""
+    degraded = _condition(status, "Degraded")
+    assert degraded.get("reason") not in ("ApplyFailed", "APINotServed", "ChildConflict"), degraded
+
+
 # --- HorizontalPodAutoscaler ---------------------------------------------------------------------------
 
 
@@ -83,7 +89,7 @@ async def test_hpa_is_applied_read_back_and_reads_the_models_scale(
     body = await _create(k8s_api, _doc("hpa-model", namespace, mode="hpa"))
     result = await reconcile(k8s_api, body, CONFIG)
     assert "HorizontalPodAutoscaler" in result.applied, result
-    assert _condition(result.status, "Degraded").get("status") == "False", result.status
+    _no_child_problem(result.status)
 
     child = contract.child_name("hpa-model")
     hpa = await kube.get_child(k8s_api, "HorizontalPodAutoscaler", namespace, child)
@@ -210,7 +216,8 @@ async def test_keda_model_without_keda_says_keda_is_not_installed(k8s_api, names
     # Leaving keda mode deletes nothing that is not there (a 404 on a missing API is no error).
     body = await _set_mode(k8s_api, model, "off")
     result = await reconcile(k8s_api, body, CONFIG)
-    assert _condition(result.status, "Degraded").get("status") == "False", result.status
+    degraded = _condition(result.status, "Degraded")
+    assert degraded.get("reason") != "APINotServed" and "KEDA" not in degraded.get("message", ""), degraded
 
 
 @pytest.fixture
@@ -247,7 +254,7 @@ async def test_scaled_object_is_schema_valid_and_read_back(k8s_api, namespace, k
     body = await _create(k8s_api, _doc("keda-model", namespace, mode="keda", minReplicas=0))
     result = await reconcile(k8s_api, body, CONFIG)
     assert "ScaledObject" in result.applied, result
-    assert _condition(result.status, "Degraded").get("status") == "False", result.status
+    _no_child_problem(result.status)
 
     desired = next(o for o in render(parse_body(body), CONFIG) if o["kind"] == "ScaledObject")
     child = contract.child_name("keda-model")

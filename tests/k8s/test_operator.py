@@ -511,8 +511,8 @@ async def test_hand_edited_service_is_repaired(api, wait_for):
             {"op": "replace", "path": f"/spec/selector/{key.replace('/', '~1')}", "value": "elsewhere"},
             {"op": "replace", "path": "/spec/ports/0/targetPort", "value": 9999},
         ]
-        await core.patch_namespaced_service(child, NS, patch)
-        edited = await core.read_namespaced_service(child, NS)
+        # The patch's answer is the object as edited (a read-back may already see it repaired).
+        edited = await core.patch_namespaced_service(child, NS, patch)
         assert edited.spec.selector[key] == "elsewhere" and edited.spec.ports[0].target_port == 9999
 
         async def repaired():
@@ -601,7 +601,7 @@ async def test_builtin_autoscaler_scales_up_at_once_and_down_after_the_delay(api
         # Down in steps: the rounds while the 2 s window still held some load asked for 2 replicas,
         # and a scale-down goes to the highest recommendation of the last scaleDownDelay.
         downs = [m for m in await _events(api, name, "Scaled") if "3 ->" in m or "2 ->" in m]
-        assert downs and downs[-1].endswith("-> 1"), downs
+        assert any(m.endswith("-> 1") for m in downs), downs
 
 
 async def test_builtin_autoscaler_respects_bounds_and_scales_an_idle_model_to_zero(

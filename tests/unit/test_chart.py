@@ -187,7 +187,21 @@ def test_operator_deployment(helm: Any) -> None:
         "/etc/kubeinfer/config.yaml",
         "--liveness-port",
         "8080",
+        "--autoscale-interval",
+        "10",
+        "--autoscale-window",
+        "60",
+        "--gateway-selector",
+        "app.kubernetes.io/name=kubeinfer,app.kubernetes.io/instance=ki,app.kubernetes.io/component=gateway",
+        "--gateway-port",
+        "8000",
     ]
+    # The builtin autoscaler finds the gateway pods by the labels the chart gives them.
+    gateway = objs["Deployment", GATEWAY]["spec"]["template"]["metadata"]["labels"]
+    selector = dict(
+        kv.split("=") for kv in c["command"][c["command"].index("--gateway-selector") + 1].split(",")
+    )
+    assert selector.items() <= gateway.items()
     assert c["ports"] == [{"name": "health", "containerPort": 8080, "protocol": "TCP"}]
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert c["resources"]["requests"] and c["resources"]["limits"]

@@ -169,6 +169,13 @@ RULES = [
     ("messages", {"model": "tiny", "max_tokens": 8, "system": [{"type": "text", "text": "be brief"}],
                   "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}, None),
     ("messages", {"model": "tiny", "max_tokens": 8}, "messages"),
+    # Unhashable values where a name is expected (found by the fuzz test: a set lookup raised).
+    ("messages", {"model": "tiny", "messages": [{"role": [], "content": "x"}]}, "messages[0].role"),
+    ("chat/completions", {"model": "tiny", "messages": [{"role": [], "content": "x"}]}, "messages[0].role"),
+    ("chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": [{"type": {}}]}]},
+     "messages[0].content[0].type"),
+    ("chat/completions", {"model": "tiny", "messages": [USER], "tools": [{"type": ["function"]}]},
+     "tools[0].type"),
     ("messages", {"model": "tiny", "messages": [{"role": "system", "content": "x"}]}, "messages[0].role"),
     ("messages", {"model": "tiny", "messages": [{"role": "user", "content": 1}]}, "messages[0].content"),
     ("messages", {"model": "tiny", "messages": [{"role": "user", "content": [{"text": "a"}]}]},

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
+from kubeinfer.api.fields import duration_seconds
 from kubeinfer.gateway import validate
 from kubeinfer.gateway.auth import ApiKey, Denied
 from kubeinfer.gateway.registry import ModelEntry
@@ -110,17 +110,10 @@ def _too_large(limit: int) -> JSONResponse:
     return error(413, f"request body over {limit} bytes", "invalid_request_error", code="request_too_large")
 
 
-_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
 @functools.lru_cache(maxsize=256)  # called per request with the model's queueTimeout
 def parse_duration(text: str) -> float:
     """'30s', '5m', '1h30m', '500ms' -> seconds (the API's Duration format)."""
-    total = 0.0
-    for number, unit in _DURATION.findall(text):
-        total += float(number) * _UNITS[unit]
-    return total
+    return duration_seconds(text)
 
 
 @dataclass(slots=True)

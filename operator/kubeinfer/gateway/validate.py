@@ -21,6 +21,7 @@ names the offending parameter as a path, as OpenAI does: `messages[0].role`, `te
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from typing import Any
 
 MAX_DEPTH = 128
@@ -111,11 +112,16 @@ def _chat(body: JSON) -> None:
             _tool(tool, f"tools[{i}]")
 
 
+def _one_of(value: Any, allowed: Collection[str]) -> bool:
+    """Membership for a JSON value of any type (a list or object is unhashable: a set lookup would raise)."""
+    return isinstance(value, str) and value in allowed
+
+
 def _chat_message(message: Any, param: str) -> None:
     if not isinstance(message, dict):
         raise Invalid(f"'{param}' must be an object", param)
     role = message.get("role")
-    if role not in CHAT_ROLES:
+    if not _one_of(role, CHAT_ROLES):
         raise Invalid(f"'{param}.role' must be one of {', '.join(sorted(CHAT_ROLES))}; got {role!r}",
                       f"{param}.role")  # fmt: skip
     content = message.get("content")
@@ -133,7 +139,7 @@ def _chat_message(message: Any, param: str) -> None:
         if not isinstance(part, dict):
             raise Invalid(f"'{where}' must be an object", where)
         kind = part.get("type")
-        if kind not in PART_TYPES:
+        if not _one_of(kind, PART_TYPES):
             raise Invalid(f"'{where}.type' must be one of {', '.join(sorted(PART_TYPES))}; got {kind!r}",
                           f"{where}.type")  # fmt: skip
         if kind == "text" and not isinstance(part.get("text"), str):
@@ -144,7 +150,7 @@ def _tool(tool: Any, param: str) -> None:
     if not isinstance(tool, dict):
         raise Invalid(f"'{param}' must be an object", param)
     kind = tool.get("type")
-    if kind not in TOOL_TYPES:
+    if not _one_of(kind, TOOL_TYPES):
         raise Invalid(f"'{param}.type' must be 'function' or 'custom'; got {kind!r}", f"{param}.type")
     spec = tool.get(kind)
     if not isinstance(spec, dict):
@@ -212,7 +218,7 @@ def _messages(body: JSON) -> None:
         param = f"messages[{i}]"
         if not isinstance(message, dict):
             raise Invalid(f"'{param}' must be an object", param)
-        if message.get("role") not in ANTHROPIC_ROLES:
+        if not _one_of(message.get("role"), ANTHROPIC_ROLES):
             raise Invalid(f"'{param}.role' must be 'user' or 'assistant'", f"{param}.role")
         _blocks(message.get("content"), f"{param}.content", required=True)
     _blocks(body.get("system"), "system", required=False)
