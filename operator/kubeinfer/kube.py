@@ -268,6 +268,25 @@ async def scale_model(api: client.ApiClient, namespace: str, name: str, replicas
     )  # fmt: skip
 
 
+async def scale_from_zero(api: client.ApiClient, namespace: str, name: str) -> bool:
+    """Set replicas to 1 if they are 0 (the gateway, for a request to a scaled-to-zero model). A JSON
+    patch with a `test` makes it conditional: a model someone scaled meanwhile is left as it is."""
+    patch = [
+        {"op": "test", "path": "/spec/replicas", "value": 0},
+        {"op": "replace", "path": "/spec/replicas", "value": 1},
+    ]
+    try:
+        await client.CustomObjectsApi(api).patch_namespaced_custom_object_scale(
+            contract.GROUP, contract.VERSION, namespace, contract.PLURAL, name, patch,
+            _content_type="application/json-patch+json",  # type: ignore[call-arg]
+        )  # fmt: skip
+    except ApiException as exc:
+        if exc.status == 422:  # the test failed: no longer at zero
+            return False
+        raise
+    return True
+
+
 async def ready_pod_ips(api: client.ApiClient, namespace: str | None, selector: str) -> list[str]:
     """IPs of the ready pods matching a label selector (the gateways, for the autoscaler)."""
     core = client.CoreV1Api(api)

@@ -28,7 +28,7 @@ _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 def duration_seconds(text: str) -> float:
     """'30s', '5m', '1h30m', '500ms' -> seconds (the API's Duration format)."""
-    return sum(float(n) * _DURATION_UNITS[u] for n, u in _DURATION_PART.findall(text))
+    return float(sum(float(n) * _DURATION_UNITS[u] for n, u in _DURATION_PART.findall(text)))
 
 
 def _quantity_to_str(value: Any) -> Any:

@@ -56,7 +56,8 @@ async def list_models(request: Request) -> JSONResponse:
         return key
     data = [
         {"id": public, "object": "model", "owned_by": "kubeinfer", "created": 0,
-         "root": entry.served_name, "engine": entry.engine, "modalities": list(entry.modalities)}
+         "root": entry.served_name, "engine": entry.engine, "modalities": list(entry.modalities),
+         "state": state.registry.state(entry.name)}
         for entry, public in state.registry.listed()
         if key.models is None or public in key.models  # a key sees only the models it may use
     ]  # fmt: skip
@@ -99,7 +100,7 @@ async def admin_models(request: Request) -> JSONResponse:
         out.append({
             "name": entry.name, "servedName": entry.served_name, "aliases": list(entry.aliases),
             "engine": entry.engine, "modalities": list(entry.modalities), "strategy": entry.routing.strategy,
-            "state": "ready" if any(e.ready for e in endpoints) else "unavailable",
+            "state": state.registry.state(entry.name),
             "replicas": {"ready": sum(e.ready for e in endpoints), "total": len(endpoints)},
             "queued": queue.waiting if queue else 0,
             "inflight": sum(state.loads.get(e.id, Load()).inflight for e in endpoints),
@@ -138,6 +139,12 @@ async def metrics_endpoint(request: Request) -> Response:
         state.queued.labels(model).set(queue.waiting)
     for endpoint_id, load in state.loads.items():
         state.inflight_gauge.labels(endpoint_id).set(load.inflight)
+    # The autoscaler's signal, per model: this gateway's requests in flight plus queued. Computed at
+    # scrape time, so the request path pays nothing for it.
+    for name in state.registry.models:
+        waiting = state.queues[name].waiting if name in state.queues else 0
+        inflight = sum(state.loads.get(e.id, Load()).inflight for e in state.registry.endpoints.get(name, []))
+        state.model_load.labels(name).set(inflight + waiting)
     return Response(generate_latest(state.metrics), media_type="text/plain; version=0.0.4")
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from kubernetes_asyncio import client
@@ -44,7 +45,40 @@ def entry_from_model(body: dict[str, Any], remote_key: str | None = None) -> Mod
         remote=RemoteTarget(remote["baseURL"], remote["model"], remote_key, native) if remote else None,
         pricing=pricing,
         estimate=(body.get("status") or {}).get("estimate"),
+        namespace=meta.get("namespace"),
+        replicas=spec.get("replicas"),
+        scale_from_zero=_scales_from_zero(spec.get("autoscaling")),
     )
+
+
+def _scales_from_zero(autoscaling: Any) -> bool:
+    """Builtin autoscaling down to zero: the gateway asks for the first replica itself."""
+    return (
+        isinstance(autoscaling, dict)
+        and autoscaling.get("mode", "builtin") == "builtin"
+        and autoscaling.get("minReplicas", 1) == 0
+    )
+
+
+def pod_phase(pod: dict[str, Any]) -> str:
+    """A not-ready pod's stage, as a person waiting for it would put it."""
+    status = pod.get("status") or {}
+    if (pod.get("metadata") or {}).get("deletionTimestamp"):
+        return "stopping"
+    scheduled: dict[str, Any] = next(
+        (c for c in status.get("conditions") or [] if c.get("type") == "PodScheduled"), {}
+    )
+    if scheduled.get("status") != "True":
+        why = scheduled.get("message") or scheduled.get("reason") or ""
+        return f"waiting to be scheduled{': ' + why if why else ''}"[:200]
+    for cs in status.get("containerStatuses") or []:
+        waiting = (cs.get("state") or {}).get("waiting")
+        if waiting:
+            reason = waiting.get("reason") or "waiting"
+            return "pulling the image" if reason in ("ContainerCreating", "PodInitializing") else reason
+        if "running" in (cs.get("state") or {}):  # {"running": {"startedAt": ...}}; may be empty
+            return "engine loading the weights"
+    return "pod scheduled, starting"
 
 
 def endpoint_from_pod(pod: dict[str, Any]) -> tuple[str, Endpoint] | None:
@@ -65,7 +99,9 @@ def endpoint_from_pod(pod: dict[str, Any]) -> tuple[str, Endpoint] | None:
         )
     )
     address = f"[{ip}]:{port}" if ip and ":" in ip else f"{ip}:{port}"
-    return model, Endpoint(id=meta["name"], address=address, model=model, ready=ready)
+    return model, Endpoint(
+        id=meta["name"], address=address, model=model, ready=ready, phase="" if ready else pod_phase(pod)
+    )
 
 
 class Discovery:
@@ -81,6 +117,9 @@ class Discovery:
     ):
         self.api, self.registry, self.namespace = api, registry, namespace
         self.keys, self.keys_namespace = keys, keys_namespace
+        registry.waker = self.wake
+        self._woken: dict[str, float] = {}  # model -> when this gateway last asked for a replica
+        self._wakes: set[asyncio.Task[None]] = set()
         self.api_keys: dict[str, ApiKey] = {}  # namespace/secret name -> key
         self.models: dict[str, ModelEntry] = {}
         self.pods: dict[str, dict[str, Endpoint]] = {}  # model -> pod name -> endpoint
@@ -103,6 +142,28 @@ class Discovery:
             return
         endpoints = sorted(self.pods.get(key, {}).values(), key=lambda e: e.id)
         self.registry.set_model(entry, endpoints)
+
+    WAKE_EVERY_SECONDS = 10.0
+
+    def wake(self, entry: ModelEntry) -> None:
+        """Scale a model at zero to one replica, at most once per WAKE_EVERY_SECONDS per model: the
+        first request of a burst asks, the rest wait in the queue. Other gateways may ask too; setting 1
+        twice is harmless, and the operator's autoscaler takes it from there."""
+        now = time.monotonic()
+        if now - self._woken.get(entry.name, -1e9) < self.WAKE_EVERY_SECONDS or not entry.namespace:
+            return
+        self._woken[entry.name] = now
+        task = asyncio.create_task(self._scale_up(entry.namespace, entry.name))
+        self._wakes.add(task)
+        task.add_done_callback(self._wakes.discard)
+
+    async def _scale_up(self, namespace: str, name: str) -> None:
+        try:
+            await kube.scale_from_zero(self.api, namespace, name)
+            _log.info("scaling %s/%s from zero for a waiting request", namespace, name)
+        except Exception as exc:  # the request still waits; it gets a clear 503 if nothing comes
+            self._woken.pop(name, None)
+            _log.warning("could not scale %s/%s from zero: %s", namespace, name, exc)
 
     def on_model(self, kind: str, body: dict[str, Any]) -> None:
         meta = body.get("metadata") or {}

@@ -7,6 +7,7 @@ path only reads it. Pure data, no I/O except `load_static`.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -94,6 +95,11 @@ class ModelEntry:
     pricing: Pricing | None = None
     estimate: dict[str, object] | None = None
     """The operator's GPU-memory fit estimate (status.estimate), shown by /v1/admin/models."""
+    namespace: str | None = None
+    replicas: int | None = None
+    """spec.replicas as last seen (Kubernetes discovery)."""
+    scale_from_zero: bool = False
+    """The builtin autoscaler may take it to zero: a request for it at zero replicas asks for one."""
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         """Estimated cost of a request's tokens at the model's price per million."""
@@ -119,6 +125,39 @@ class Registry:
         self.models: dict[str, ModelEntry] = {}
         self.endpoints: dict[str, list[Endpoint]] = {}
         self._names: dict[str, str] = {}
+        # Set by Kubernetes discovery: asks for one replica of a model at zero (scale from zero).
+        self.waker: Callable[[ModelEntry], None] | None = None
+
+    def wake(self, entry: ModelEntry) -> None:
+        """A request arrived for `entry` and no replica is ready: if it is scaled to zero, scale it up
+        now (not on the autoscaler's next round)."""
+        if self.waker is not None and entry.scale_from_zero and entry.replicas == 0:
+            self.waker(entry)
+
+    def state(self, name: str) -> str:
+        """ready | starting (replicas exist, none ready yet) | scaled-to-zero | unavailable."""
+        endpoints = self.endpoints.get(name, [])
+        entry = self.models.get(name)
+        if any(e.ready for e in endpoints):
+            return "ready"
+        if endpoints:
+            return "starting"
+        if entry is not None and entry.replicas == 0:
+            return "scaled-to-zero"
+        return "unavailable"
+
+    def progress(self, name: str) -> str:
+        """Where a cold start stands, in words for a person waiting on it."""
+        endpoints = self.endpoints.get(name, [])
+        if any(e.ready for e in endpoints):
+            return "a replica is ready"
+        phases = [f"{e.id}: {e.phase}" for e in endpoints if e.phase]
+        if phases:
+            return "; ".join(phases)
+        entry = self.models.get(name)
+        if entry is not None and entry.replicas == 0:
+            return "scale-up requested" if entry.scale_from_zero else "scaled to zero"
+        return "waiting for a pod"
 
     def set_model(self, entry: ModelEntry, endpoints: list[Endpoint]) -> None:
         self.models[entry.name] = entry
@@ -145,10 +184,11 @@ class Registry:
         return [e for e in self.endpoints.get(name, []) if e.ready]
 
     def listed(self) -> list[tuple[ModelEntry, str]]:
-        """(model, public id) for every served name and alias of models with a ready replica."""
+        """(model, public id) for every served name and alias of the models a request can reach: with a
+        ready replica, or scaled to zero and woken by the first request."""
         out = []
         for entry in self.models.values():
-            if self.ready_endpoints(entry.name):
+            if self.ready_endpoints(entry.name) or entry.scale_from_zero:
                 out += [(entry, public) for public in (entry.served_name, *entry.aliases)]
         return out
 

@@ -102,6 +102,8 @@ async def forward(
         queue = state.queues[entry.name] = ModelQueue()
     timeout = state.settings.hold_timeout or parse_duration(entry.routing.queue_timeout)
     queue_wait = 0.0
+    if not state.registry.ready_endpoints(entry.name):
+        state.registry.wake(entry)  # at zero replicas: ask for one now; this request waits for it
     for attempt in range(state.settings.retries + 1):
         if attempt == 0:
             try:
@@ -118,8 +120,9 @@ async def forward(
                 kind = "queue_timeout" if exc.had_replicas else "no_replica"
                 state.errors.labels(entry.name, kind).inc()
                 what = "a free replica" if exc.had_replicas else "a ready replica"
-                return error(503, f"no {what} of `{model}` within {exc.waited:.0f}s", "service_unavailable",
-                             code=kind, headers={"Retry-After": "5"})  # fmt: skip
+                where = "" if exc.had_replicas else f" ({state.registry.progress(entry.name)})"
+                return error(503, f"no {what} of `{model}` within {exc.waited:.0f}s{where}",
+                             "service_unavailable", code=kind, headers={"Retry-After": "5"})  # fmt: skip
             queue_wait = time.monotonic() - arrived
             state.queue_wait_for(entry.name).observe(queue_wait)
         else:
@@ -185,9 +188,16 @@ def _sse_error(exc: Exception) -> bytes:
 
 
 async def respond(
-    state: State, trace: Trace, upstream: UpstreamResponse, relay: Relay, receive: Receive, send: Send
+    state: State,
+    trace: Trace,
+    upstream: UpstreamResponse,
+    relay: Relay,
+    receive: Receive,
+    send: Send,
+    head_sent: bool = False,
 ) -> None:
-    """Relay the upstream response to the client, then release the slot and account for it."""
+    """Relay the upstream response to the client, then release the slot and account for it.
+    `head_sent`: the status line went out already (a stream held through a cold start)."""
     model, replica = trace.model.name, trace.replica
     drop = _DROP_WITH_TYPE if relay.content_type else DROP_HEADERS
     headers = []
@@ -213,7 +223,8 @@ async def respond(
     outcome = "ok"
     started = False
     try:
-        await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
+        if not head_sent:
+            await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
         started = True
         try:
             feed = relay.feed

@@ -51,6 +51,8 @@ class Endpoint:
     model: str
     """LLMModel name; the caller resolves served names and aliases to it."""
     ready: bool = True
+    phase: str = ""
+    """Where a replica that is not ready stands (scheduling, starting, loading), for cold-start progress."""
 
 
 @dataclass(frozen=True)

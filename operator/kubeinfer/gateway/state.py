@@ -111,6 +111,11 @@ class State:
             "kubeinfer_gateway_queued_requests", "Requests waiting for a replica (the autoscaler's signal)",
             ["model"], registry=self.metrics,
         )  # fmt: skip
+        self.model_load = Gauge(
+            "kubeinfer_gateway_model_load",
+            "Requests of a model in flight or queued here: the autoscalers' signal (summed over gateways)",
+            ["model"], registry=self.metrics,
+        )  # fmt: skip
         self.inflight_gauge = Gauge(
             "kubeinfer_gateway_inflight_requests", "Requests this gateway has open, by replica", ["replica"],
             registry=self.metrics,
