@@ -59,7 +59,8 @@ class FakeGateway:
                     return
                 lines = ["# TYPE kubeinfer_gateway_model_load gauge"]
                 lines += [
-                    f'kubeinfer_gateway_model_load{{model="{m}"}} {v}' for m, v in gateway.loads.items()
+                    f'kubeinfer_gateway_model_load{{model_namespace="{NS}",model="{m}"}} {v}'
+                    for m, v in gateway.loads.items()
                 ]
                 body = ("\n".join(lines) + "\n").encode()
                 self.send_response(200)

@@ -107,10 +107,11 @@ def test_no_signal_or_a_partial_one_never_scales_down():
 
 def test_model_loads_sums_a_gateways_samples_per_model_and_ignores_the_rest():
     samples = [
-        ("kubeinfer_gateway_model_load", {"model": "a"}, 3.0),
-        ("kubeinfer_gateway_model_load", {"model": "b"}, 0.0),
+        ("kubeinfer_gateway_model_load", {"model_namespace": "ml", "model": "a"}, 3.0),
+        ("kubeinfer_gateway_model_load", {"model_namespace": "dev", "model": "a"}, 1.0),
+        ("kubeinfer_gateway_model_load", {"model": "b"}, 0.0),  # a gateway without namespaces
         ("kubeinfer_gateway_queued_requests", {"model": "a"}, 9.0),
-        ("kubeinfer_gateway_model_load", {"model": "c"}, float("nan")),
+        ("kubeinfer_gateway_model_load", {"model_namespace": "ml", "model": "c"}, float("nan")),
         ("kubeinfer_gateway_model_load", {}, 4.0),
     ]
-    assert model_loads(samples) == {"a": 3.0, "b": 0.0}
+    assert model_loads(samples) == {("ml", "a"): 3.0, ("dev", "a"): 1.0, ("", "b"): 0.0}

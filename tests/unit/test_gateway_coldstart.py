@@ -146,11 +146,11 @@ async def test_models_lists_a_scaled_to_zero_model_with_its_state_and_the_load_g
         waiting = [asyncio.create_task(c.post("/v1/chat/completions", json=CHAT)) for _ in range(3)]
         await asyncio.sleep(0.3)
         metrics = (await c.get("/metrics")).text
-        assert 'kubeinfer_gateway_model_load{model="tiny"} 3.0' in metrics
+        assert 'kubeinfer_gateway_model_load{model="tiny",model_namespace="ml"} 3.0' in metrics
         await _bring_up(reg, 0.3)
         assert {(await w).status_code for w in waiting} == {200}
         metrics = (await c.get("/metrics")).text
-        assert 'kubeinfer_gateway_model_load{model="tiny"} 0.0' in metrics
+        assert 'kubeinfer_gateway_model_load{model="tiny",model_namespace="ml"} 0.0' in metrics
         listed = (await c.get("/v1/models")).json()["data"]
         assert [(m["id"], m["state"]) for m in listed] == [("tiny", "ready")]
 

@@ -1,5 +1,5 @@
 """`kubeinfer bench ...`: load generator, gateway overhead, routing policies, real engines, operator
-throughput (docs/benchmarks.md)."""
+throughput, cold start from zero (docs/benchmarks.md)."""
 
 from __future__ import annotations
 
@@ -133,6 +133,24 @@ def cmd_bench_engines(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_coldstart(args: argparse.Namespace) -> int:
+    import json
+
+    from kubeinfer_devkit.bench.coldstart import ColdstartConfig, StackError, format_coldstart, run_coldstart
+    from kubeinfer_devkit.devcluster.stackstate import default_state_dir
+
+    config = ColdstartConfig(
+        state_dir=Path(args.state_dir) if args.state_dir else default_state_dir(), runs=args.runs,
+        model_name=args.model_name, timeout=args.timeout, keep=args.keep,
+    )  # fmt: skip
+    try:
+        result = asyncio.run(run_coldstart(config, on_step=_say))
+    except (ValueError, StackError) as exc:
+        raise CLIError(str(exc)) from None
+    sys.stdout.write(json.dumps(result, indent=2) + "\n" if args.json else format_coldstart(result))
+    return 0 if result["runs"] and not any(run["error"] for run in result["runs"]) else 1
+
+
 def cmd_bench_plot(args: argparse.Namespace) -> int:
     import json
 
@@ -259,6 +277,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--json", action="store_true")
     p.add_argument("--plot", help="also write a figure (PNG or SVG; needs the bench extra)")
     p.set_defaults(func=cmd_bench_engines)
+
+    p = bench.add_parser(
+        "coldstart", help="scale from zero on the local stack: first request -> first token, by phase"
+    )
+    p.add_argument("--state-dir", help="the stack's (default: that of `kubeinfer up`)")
+    p.add_argument("--runs", type=int, default=5, help="cold starts, each from zero replicas")
+    p.add_argument("--model-name", default="coldstart-tiny", help="the LLMModel the bench applies")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per wait and per request")
+    p.add_argument("--keep", action="store_true", help="leave the bench's model in place at the end")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench_coldstart)
 
     p = bench.add_parser("plot", help="draw a figure from a bench overhead/routing/engines --json file")
     p.add_argument("file", help="the JSON a bench printed")

@@ -203,7 +203,9 @@ class Stack:
             # The builtin autoscaler reads the load from the stack's one gateway (no gateway pods here).
             argv = [*py, "kubeinfer.cli", "operator", "--liveness-host", "127.0.0.1",
                     "--liveness-port", str(port), "--refresh-seconds", "10",
-                    "--gateway-url", self._gateway_url_once()]  # fmt: skip
+                    "--gateway-url", self._gateway_url_once(),
+                    # Quicker than a cluster's defaults (10 s, 60 s): a laptop stack reacts in seconds.
+                    "--autoscale-interval", "2", "--autoscale-window", "10"]  # fmt: skip
             return argv, lambda: _http_ok(f"http://127.0.0.1:{port}/healthz")
         self._gateway_url_once()
         argv = [*py, "kubeinfer.cli", "gateway", "--host", "127.0.0.1", "--port", str(self.gateway_port)]

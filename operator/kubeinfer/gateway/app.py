@@ -141,10 +141,10 @@ async def metrics_endpoint(request: Request) -> Response:
         state.inflight_gauge.labels(endpoint_id).set(load.inflight)
     # The autoscaler's signal, per model: this gateway's requests in flight plus queued. Computed at
     # scrape time, so the request path pays nothing for it.
-    for name in state.registry.models:
+    for name, entry in state.registry.models.items():
         waiting = state.queues[name].waiting if name in state.queues else 0
         inflight = sum(state.loads.get(e.id, Load()).inflight for e in state.registry.endpoints.get(name, []))
-        state.model_load.labels(name).set(inflight + waiting)
+        state.model_load.labels(entry.namespace or "", entry.object_name or name).set(inflight + waiting)
     return Response(generate_latest(state.metrics), media_type="text/plain; version=0.0.4")
 
 

@@ -46,6 +46,7 @@ def entry_from_model(body: dict[str, Any], remote_key: str | None = None) -> Mod
         pricing=pricing,
         estimate=(body.get("status") or {}).get("estimate"),
         namespace=meta.get("namespace"),
+        object_name=meta["name"],
         replicas=spec.get("replicas"),
         scale_from_zero=_scales_from_zero(spec.get("autoscaling")),
     )
@@ -153,7 +154,7 @@ class Discovery:
         if now - self._woken.get(entry.name, -1e9) < self.WAKE_EVERY_SECONDS or not entry.namespace:
             return
         self._woken[entry.name] = now
-        task = asyncio.create_task(self._scale_up(entry.namespace, entry.name))
+        task = asyncio.create_task(self._scale_up(entry.namespace, entry.object_name or entry.name))
         self._wakes.add(task)
         task.add_done_callback(self._wakes.discard)
 

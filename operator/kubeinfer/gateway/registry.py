@@ -96,6 +96,8 @@ class ModelEntry:
     estimate: dict[str, object] | None = None
     """The operator's GPU-memory fit estimate (status.estimate), shown by /v1/admin/models."""
     namespace: str | None = None
+    object_name: str = ""
+    """The LLMModel's metadata.name (`name` above may carry the namespace: `ns/name`)."""
     replicas: int | None = None
     """spec.replicas as last seen (Kubernetes discovery)."""
     scale_from_zero: bool = False

@@ -114,7 +114,8 @@ class State:
         self.model_load = Gauge(
             "kubeinfer_gateway_model_load",
             "Requests of a model in flight or queued here: the autoscalers' signal (summed over gateways)",
-            ["model"], registry=self.metrics,
+            # The LLMModel's own namespace and name: `namespace` would clash with the scrape target's.
+            ["model_namespace", "model"], registry=self.metrics,
         )  # fmt: skip
         self.inflight_gauge = Gauge(
             "kubeinfer_gateway_inflight_requests", "Requests this gateway has open, by replica", ["replica"],

@@ -134,10 +134,12 @@ class Autoscaler:
         return Decision(desired, rec, avg, reason, message)
 
 
-def model_loads(families: Iterable[tuple[str, dict[str, str], float]]) -> dict[str, float]:
-    """Per-model load from one gateway's samples (name, labels, value)."""
-    out: dict[str, float] = {}
+def model_loads(families: Iterable[tuple[str, dict[str, str], float]]) -> dict[tuple[str, str], float]:
+    """Per-model load, by (namespace, name), from one gateway's samples (name, labels, value). A gateway
+    that does not know a model's namespace (static discovery) reports it as ""."""
+    out: dict[tuple[str, str], float] = {}
     for name, labels, value in families:
         if name == LOAD_METRIC and "model" in labels and math.isfinite(value) and value >= 0:
-            out[labels["model"]] = out.get(labels["model"], 0.0) + value
+            key = (labels.get("model_namespace", ""), labels["model"])
+            out[key] = out.get(key, 0.0) + value
     return out

@@ -45,10 +45,12 @@ class GatewayTargets:
         ]
 
 
-async def read_loads(session: aiohttp.ClientSession, urls: list[str]) -> tuple[dict[str, float], int]:
+async def read_loads(
+    session: aiohttp.ClientSession, urls: list[str]
+) -> tuple[dict[tuple[str, str], float], int]:
     """Sum of every gateway's per-model load, and how many gateways could not be read."""
 
-    async def one(url: str) -> dict[str, float] | None:
+    async def one(url: str) -> dict[tuple[str, str], float] | None:
         try:
             async with session.get(f"{url.rstrip('/')}/metrics") as resp:
                 if resp.status != 200:
@@ -64,7 +66,7 @@ async def read_loads(session: aiohttp.ClientSession, urls: list[str]) -> tuple[d
             return None
         return model_loads(samples)
 
-    total: dict[str, float] = {}
+    total: dict[tuple[str, str], float] = {}
     failed = 0
     for got in await asyncio.gather(*(one(u) for u in urls)):
         if got is None:
@@ -119,7 +121,7 @@ async def run_round(
             continue
         key = (meta["namespace"], meta["name"])
         replicas = int(spec.get("replicas", 1))
-        load = loads.get(meta["name"], 0.0) if signal else None
+        load = loads.get(key, 0.0) + loads.get(("", key[1]), 0.0) if signal else None
         decision = scaler.decide(key, auto, replicas, load, now, complete=failed == 0)
         decisions[key] = decision
         scaled = decision.changes(replicas)

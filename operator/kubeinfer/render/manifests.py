@@ -346,6 +346,11 @@ def _scale_target(model: LLMModel) -> dict[str, str]:
     return {"apiVersion": contract.API_VERSION, "kind": contract.KIND, "name": model.name}
 
 
+def _load_labels(model: LLMModel) -> dict[str, str]:
+    # The gateway labels kubeinfer_gateway_model_load with the model's own namespace and name.
+    return {"model_namespace": model.metadata.namespace or "", "model": model.name}
+
+
 def horizontal_pod_autoscaler(model: LLMModel) -> Manifest:
     """autoscaling.mode hpa: desired = ceil(sum of the gateways' load / targetInflightPerReplica), read
     as an External metric (a prometheus-adapter externalRule serves it; docs/operator.md)."""
@@ -363,7 +368,7 @@ def horizontal_pod_autoscaler(model: LLMModel) -> Manifest:
                 {
                     "type": "External",
                     "external": {
-                        "metric": {"name": LOAD_METRIC, "selector": {"matchLabels": {"model": model.name}}},
+                        "metric": {"name": LOAD_METRIC, "selector": {"matchLabels": _load_labels(model)}},
                         "target": {"type": "AverageValue", "averageValue": target},
                     },
                 }
@@ -393,7 +398,8 @@ def scaled_object(model: LLMModel, config: RenderConfig) -> Manifest:
                     "metricType": "AverageValue",
                     "metadata": {
                         "serverAddress": config.prometheus_address,
-                        "query": f'sum({LOAD_METRIC}{{model="{model.name}"}})',
+                        "query": f'sum({LOAD_METRIC}{{model_namespace="{model.metadata.namespace or ""}",'
+                        f'model="{model.name}"}})',
                         "threshold": str(spec.target_inflight_per_replica),
                     },
                 }
