@@ -6,6 +6,9 @@ testable without a cluster and the client library could be swapped here alone.
 Children are written with server-side apply under one field manager: the apiserver merges only the
 fields we set, a no-op apply writes nothing (so watching our own children cannot loop), and
 `force=True` takes fields back from anyone who edited them, which is how drift is repaired.
+
+This file is over 500 lines because it is the one door to the API on purpose: short functions, one
+per call, grouped by what they touch (children, models and their scale, events, watches).
 """
 
 from __future__ import annotations

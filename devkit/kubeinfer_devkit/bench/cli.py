@@ -141,7 +141,7 @@ def cmd_bench_coldstart(args: argparse.Namespace) -> int:
 
     config = ColdstartConfig(
         state_dir=Path(args.state_dir) if args.state_dir else default_state_dir(), runs=args.runs,
-        model_name=args.model_name, timeout=args.timeout, keep=args.keep,
+        model_name=args.model_name, timeout=args.timeout, keep=args.keep, pause=args.pause, seed=args.seed,
     )  # fmt: skip
     try:
         result = asyncio.run(run_coldstart(config, on_step=_say))
@@ -285,6 +285,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--runs", type=int, default=5, help="cold starts, each from zero replicas")
     p.add_argument("--model-name", default="coldstart-tiny", help="the LLMModel the bench applies")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per wait and per request")
+    p.add_argument(
+        "--pause", type=float, default=2.0, help="before each request a random 0..PAUSE s wait (seeded)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="of the pauses (run i uses seed + i)")
     p.add_argument("--keep", action="store_true", help="leave the bench's model in place at the end")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_coldstart)

@@ -34,6 +34,7 @@ import asyncio
 import base64
 import json
 import os
+import random
 import ssl
 import subprocess
 import tempfile
@@ -189,6 +190,10 @@ class ColdstartConfig:
     timeout: float = 120.0
     keep: bool = False
     max_tokens: int = 8
+    pause: float = 2.0
+    """Each request waits a random 0..pause s (seeded) once the watches are open, so that runs do not
+    fall in step with the operator's periodic autoscaler rounds (the wait for zero ends on one)."""
+    seed: int = 0
     namespace: str = "default"
 
     def validate(self) -> None:
@@ -196,6 +201,8 @@ class ColdstartConfig:
             raise ValueError("--runs must be at least 1")
         if self.timeout <= 0:
             raise ValueError("--timeout must be positive")
+        if self.pause < 0:
+            raise ValueError("--pause must not be negative")
 
 
 @dataclass
@@ -451,14 +458,15 @@ async def _at_zero(
 
 
 async def _one_run(
-    stack: Stack, api: httpx.AsyncClient, http: httpx.AsyncClient, config: ColdstartConfig
+    stack: Stack, api: httpx.AsyncClient, http: httpx.AsyncClient, config: ColdstartConfig, index: int
 ) -> RunResult:
     await _at_zero(stack, api, http, config)
     watcher = Watcher(api, config)
     try:
         await watcher.start()
+        await asyncio.sleep(random.Random(config.seed + index).uniform(0, config.pause))
         if any(m in watcher.marks for m in WATCHED):
-            raise StackError(f"{config.model_name} is not at zero replicas at the start of the run")
+            raise StackError(f"{config.model_name} left zero replicas before the request of run {index + 1}")
         marks = watcher.marks  # the stream adds its marks to the same dict
         try:
             result = await asyncio.wait_for(
@@ -496,7 +504,7 @@ async def run_coldstart(
             await _until(f"the gateway to list {config.model_name} as scaled-to-zero", listed, config.timeout)
             for i in range(config.runs):
                 say(f"run {i + 1}/{config.runs}")
-                run = await _one_run(stack, api, http, config)
+                run = await _one_run(stack, api, http, config, i)
                 total = run.phases["total"]
                 say(
                     f"run {i + 1}/{config.runs}: first token {_s(total)} s after the request"
@@ -517,6 +525,8 @@ async def run_coldstart(
         "state_dir": str(config.state_dir),
         "runs_requested": config.runs,
         "max_tokens": config.max_tokens,
+        "pause_s": config.pause,
+        "seed": config.seed,
         "cpus": os.cpu_count(),
         "load_average_before": [round(v, 2) for v in load_before],
         "load_average_after": [round(v, 2) for v in os.getloadavg()],
