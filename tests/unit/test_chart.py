@@ -299,6 +299,7 @@ def test_gateway_rbac_cluster_wide_secrets_by_default(helm: Any) -> None:
     read = {"get", "list", "watch"}
     assert rules_of(objs["ClusterRole", GATEWAY]) == {
         ("kubeinfer.io", "llmmodels"): read,
+        ("kubeinfer.io", "llmmodels/scale"): {"get", "patch"},  # scale from zero, its one write
         ("", "pods"): read,
         ("", "secrets"): read,
     }
@@ -308,7 +309,11 @@ def test_gateway_rbac_cluster_wide_secrets_by_default(helm: Any) -> None:
 def test_gateway_rbac_secrets_namespaced(helm: Any) -> None:
     objs = by_kind(template(helm, "gateway.rbac.secretsNamespaced=true"))
     read = {"get", "list", "watch"}
-    assert rules_of(objs["ClusterRole", GATEWAY]) == {("kubeinfer.io", "llmmodels"): read, ("", "pods"): read}
+    assert rules_of(objs["ClusterRole", GATEWAY]) == {
+        ("kubeinfer.io", "llmmodels"): read,
+        ("kubeinfer.io", "llmmodels/scale"): {"get", "patch"},
+        ("", "pods"): read,
+    }
     role = objs["Role", GATEWAY]
     assert role["metadata"]["namespace"] == NAMESPACE
     assert rules_of(role) == {("", "secrets"): read}

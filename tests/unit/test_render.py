@@ -215,7 +215,7 @@ def test_hpa_scales_the_llmmodel_on_the_gateways_load():
     assert metric["type"] == "External"
     assert metric["external"]["metric"] == {
         "name": "kubeinfer_gateway_model_load",
-        "selector": {"matchLabels": {"model": "llama31-8b"}},
+        "selector": {"matchLabels": {"model_namespace": "ml", "model": "llama31-8b"}},
     }
     # AverageValue over an External metric: desired = ceil(sum of load / target).
     assert metric["external"]["target"] == {"type": "AverageValue", "averageValue": "12"}
@@ -256,7 +256,7 @@ def test_scaled_object_queries_the_configured_prometheus(tmp_path):
     assert trigger["type"] == "prometheus"
     assert trigger["metadata"] == {
         "serverAddress": "http://prom.obs.svc:9090",
-        "query": 'sum(kubeinfer_gateway_model_load{model="llama31-8b"})',
+        "query": 'sum(kubeinfer_gateway_model_load{model_namespace="ml",model="llama31-8b"})',
         "threshold": "5",
     }
     assert CONFIG.prometheus_address == "http://prometheus-operated.monitoring.svc:9090"

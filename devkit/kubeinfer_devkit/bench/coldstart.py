@@ -2,15 +2,17 @@
 into phases, on the local stack (`kubeinfer up`) with the tiny GGUF model on llama-server.
 
 The bench applies its own LLMModel (examples/tiny-gguf-cpu.yaml renamed, `autoscaling.minReplicas: 0`,
-a long `scaleDownDelay` so the autoscaler leaves it alone mid-run), then per run scales it to zero,
-waits until no pod is left and the gateway lists it as `scaled-to-zero`, watches the model, its
-Deployment and its pods, and sends one streaming chat completion through the gateway. Kubernetes
+a long `scaleDownDelay` so the autoscaler leaves it alone mid-run), then per run scales it to zero
+(once the autoscaler's window has forgotten the last run: it would scale straight back up), waits
+until no pod is left and the gateway lists it as `scaled-to-zero`, watches the model, its Deployment
+and its pods, waits a random 0..pause s (out of step with the autoscaler's rounds), and sends one
+streaming chat completion through the gateway. Kubernetes
 timestamps have one-second resolution, so every mark is the bench's own monotonic clock when a watch
 event (or a stream line) showed the change:
 
     request            the request is sent
     first_comment      the gateway's first `: kubeinfer: starting ...` SSE comment
-    replicas_1         the LLMModel's spec.replicas became 1 (the gateway's scale patch)
+    replicas_1         the LLMModel's spec.replicas became 1 (the gateway's or the autoscaler's)
     deployment_scaled  the Deployment's spec.replicas became 1 (the operator reacted)
     pod_created        the pod exists
     pod_scheduled      its PodScheduled condition is True
@@ -24,8 +26,8 @@ Phases: scale_requested (request -> replicas_1), schedule (request -> pod_schedu
 then prefill and the first decode step), total (request -> first token). The goal: every run's first
 token within 10 s of its request.
 
-The pure parts (`pod_marks`, `phases`, `offsets`, `summarize_phases`, `goal`, `format_coldstart`) take
-numbers and dicts; `run_coldstart` talks to the stack.
+The pure parts (`pod_marks`, `replicas_mark`, `zero_step`, `phases`, `offsets`, `summarize_phases`,
+`goal`, `format_coldstart`) take numbers and dicts; `run_coldstart` talks to the stack.
 """
 
 from __future__ import annotations
