@@ -272,19 +272,24 @@ async def scale_model(api: client.ApiClient, namespace: str, name: str, replicas
 
 
 async def scale_from_zero(api: client.ApiClient, namespace: str, name: str) -> bool:
-    """Set replicas to 1 if they are 0 (the gateway, for a request to a scaled-to-zero model). A JSON
-    patch with a `test` makes it conditional: a model someone scaled meanwhile is left as it is."""
-    patch = [
-        {"op": "test", "path": "/spec/replicas", "value": 0},
-        {"op": "replace", "path": "/spec/replicas", "value": 1},
-    ]
+    """Set replicas to 1 if they are 0 (the gateway, for a request to a scaled-to-zero model); False
+    when they were not 0. Conditional on the Scale's resourceVersion: a model someone scaled between
+    the read and the write is left as it is (409). (A Scale at zero has no spec.replicas at all, so a
+    JSON-patch `test` of that path cannot be the condition.)"""
+    objs = client.CustomObjectsApi(api)
+    scale = await objs.get_namespaced_custom_object_scale(
+        contract.GROUP, contract.VERSION, namespace, contract.PLURAL, name
+    )
+    if int((scale.get("spec") or {}).get("replicas") or 0) != 0:
+        return False
+    patch = {"metadata": {"resourceVersion": scale["metadata"]["resourceVersion"]}, "spec": {"replicas": 1}}
     try:
-        await client.CustomObjectsApi(api).patch_namespaced_custom_object_scale(
+        await objs.patch_namespaced_custom_object_scale(
             contract.GROUP, contract.VERSION, namespace, contract.PLURAL, name, patch,
-            _content_type="application/json-patch+json",  # type: ignore[call-arg]
+            _content_type=MERGE,  # type: ignore[call-arg]
         )  # fmt: skip
     except ApiException as exc:
-        if exc.status == 422:  # the test failed: no longer at zero
+        if exc.status == 409:  # changed since the read: someone else scaled it
             return False
         raise
     return True

@@ -652,3 +652,20 @@ async def test_builtin_autoscaler_never_scales_down_blind(api, wait_for, fake_ga
         finally:
             fake_gateway.up = True
             fake_gateway.loads.pop(name, None)
+
+
+async def test_scale_from_zero_sets_one_replica_only_at_zero(api, wait_for):
+    """The gateway's write (kube.scale_from_zero) on the real scale subresource: a Scale at zero has no
+    spec.replicas at all, and a model that is not at zero is left alone."""
+    from kubeinfer import kube
+
+    name = "auto-z"
+    doc = _autoscaled(name, mode="off", minReplicas=0)
+    doc["spec"]["replicas"] = 0
+    async with created(api, doc):
+        scale = await client.CustomObjectsApi(api).get_namespaced_custom_object_scale(G, V, NS, P, name)
+        assert "replicas" not in scale["spec"]  # what made a JSON-patch `test` of it fail
+        assert await kube.scale_from_zero(api, NS, name) is True
+        assert await _replicas(api, name) == 1
+        assert await kube.scale_from_zero(api, NS, name) is False  # not at zero: unchanged
+        assert await _replicas(api, name) == 1

@@ -160,8 +160,8 @@ class Discovery:
 
     async def _scale_up(self, namespace: str, name: str) -> None:
         try:
-            await kube.scale_from_zero(self.api, namespace, name)
-            _log.info("scaling %s/%s from zero for a waiting request", namespace, name)
+            if await kube.scale_from_zero(self.api, namespace, name):
+                _log.info("scaling %s/%s from zero for a waiting request", namespace, name)
         except Exception as exc:  # the request still waits; it gets a clear 503 if nothing comes
             self._woken.pop(name, None)
             _log.warning("could not scale %s/%s from zero: %s", namespace, name, exc)

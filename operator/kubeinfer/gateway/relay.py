@@ -119,7 +119,7 @@ async def forward(
             except QueueTimeout as exc:
                 kind = "queue_timeout" if exc.had_replicas else "no_replica"
                 state.errors.labels(entry.name, kind).inc()
-                what = "a free replica" if exc.had_replicas else "a ready replica"
+                what = "free replica" if exc.had_replicas else "ready replica"
                 where = "" if exc.had_replicas else f" ({state.registry.progress(entry.name)})"
                 return error(503, f"no {what} of `{model}` within {exc.waited:.0f}s{where}",
                              "service_unavailable", code=kind, headers={"Retry-After": "5"})  # fmt: skip
