@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 # local process has no image pull to wait for, and a 10 s probe period would only add latency.
 FIRST_SUCCESS_POLL = 0.5
 BACKOFF_FIRST, BACKOFF_MAX = 10.0, 300.0  # the kubelet's crash-loop back-off
+# A container that cannot be set up yet (its claim not bound, the node's read of it not yet allowed:
+# the Node authorizer trails the pod's binding) is usually fine a moment later: retry from 1 s.
+SETUP_RETRY_FIRST = 1.0
 BACKOFF_RESET = 600.0  # a container that ran this long starts over at no back-off
 MIN_KILL_GRACE = 2.0  # the kubelet's minimum after a preStop hook used up the grace period
 
@@ -94,17 +97,19 @@ class ContainerRunner:
 
     async def run(self) -> None:
         retry = BACKOFF_FIRST
+        setup_retry = SETUP_RETRY_FIRST
         while not self.stopping.is_set():
             try:
                 launch = await self.worker.prepare(self.spec)
             except Unrunnable as exc:
                 self._set(state={"waiting": {"reason": exc.reason, "message": exc.message}}, ready=False)
                 await self.worker.event("Warning", "Failed", f"Error: {exc.message}", self.name, once=True)
-                if await self._sleep(retry):
+                if await self._sleep(setup_retry):
                     return
-                retry = min(retry * 2, BACKOFF_MAX)
+                setup_retry = min(setup_retry * 2, BACKOFF_MAX)
                 continue
             retry = BACKOFF_FIRST
+            setup_retry = SETUP_RETRY_FIRST
             if self.stopping.is_set():
                 return
             if f"pulled:{launch.note}" not in self.reported:
