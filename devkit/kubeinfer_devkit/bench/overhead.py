@@ -29,14 +29,15 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import aiohttp
 
-from kubeinfer_devkit.bench import fleet, stats
+from kubeinfer_devkit.bench import fleet, peers, stats
 from kubeinfer_devkit.bench.client import SSEReader
+from kubeinfer_devkit.bench.peers import overhead_comparison
 
 MODEL = "echo"
 
@@ -104,14 +105,24 @@ def request_body(size: int, *, stream: bool, max_tokens: int, seed: int = 0) -> 
     return json.dumps(body).encode()
 
 
-def slot_schedule(duration: float, slot: float) -> list[tuple[float, float, str]]:
-    """(start, end, target) slots over `duration`, alternating direct and gateway; every pair holds one
-    of each, in a seeded-free fixed order that starts with direct."""
+def slot_schedule(
+    duration: float, slot: float, targets: Sequence[str] = ("direct", "gateway")
+) -> list[tuple[float, float, str]]:
+    """(start, end, target) slots over `duration`, cycling through `targets` (direct and gateway, and
+    the peers with `--peers`) in a fixed order that starts with direct."""
     out, t, i = [], 0.0, 0
     while t < duration - 1e-9:
         end = min(duration, t + slot)
-        out.append((t, end, "direct" if i % 2 == 0 else "gateway"))
+        out.append((t, end, targets[i % len(targets)]))
         t, i = end, i + 1
+    return out
+
+
+def slot_seconds(slots: Sequence[tuple[float, float, str]]) -> dict[str, float]:
+    """Seconds of the schedule per target."""
+    out: dict[str, float] = {}
+    for start, end, target in slots:
+        out[target] = out.get(target, 0.0) + end - start
     return out
 
 
@@ -230,16 +241,21 @@ async def _send(
 
 
 class _Targets:
-    """One keep-alive aiohttp session per target; direct requests go round-robin over the replicas."""
+    """One keep-alive aiohttp session per target; direct requests go round-robin over the replicas.
+    Targets: "direct", "gateway" (kubeinfer's) and one per peer gateway."""
 
-    def __init__(self, direct_urls: Sequence[str], gateway_url: str) -> None:
+    def __init__(
+        self, direct_urls: Sequence[str], gateway_url: str, peer_urls: Mapping[str, str] | None = None
+    ) -> None:
         self.direct = [f"{u}/v1/chat/completions" for u in direct_urls]
-        self.gateway = f"{gateway_url}/v1/chat/completions"
+        self.gateways = {"gateway": f"{gateway_url}/v1/chat/completions"}
+        self.gateways.update({n: f"{u}/v1/chat/completions" for n, u in (peer_urls or {}).items()})
+        self.names = ("direct", *self.gateways)
         self._next = 0
         self.sessions: dict[str, aiohttp.ClientSession] = {}
 
     async def __aenter__(self) -> _Targets:
-        for name in ("direct", "gateway"):
+        for name in self.names:
             self.sessions[name] = aiohttp.ClientSession(
                 # Below uvicorn's 5 s keep-alive (the gateway's): the client closes an idle connection
                 # first, so a request never races the server's close (ServerDisconnectedError).
@@ -255,44 +271,48 @@ class _Targets:
             await s.close()
 
     def url(self, target: str) -> str:
-        if target == "gateway":
-            return self.gateway
+        if target != "direct":
+            return self.gateways[target]
         self._next += 1
         return self.direct[self._next % len(self.direct)]
 
 
 @dataclass
 class _Meter:
-    """CPU of the gateway process during gateway slots, and of this process overall."""
+    """CPU of one gateway (its process, or its process tree for a peer) during its slots."""
 
-    gateway_pid: int
+    read_cpu: Callable[[], float]
     gateway_cpu: float = 0.0
     gateway_time: float = 0.0
     _opened: tuple[float, float] | None = None
 
     def open(self) -> None:
-        self._opened = (fleet.process_cpu_seconds(self.gateway_pid), time.perf_counter())
+        self._opened = (self.read_cpu(), time.perf_counter())
 
     def close(self) -> None:
         if self._opened is not None:
             cpu, t = self._opened
-            self.gateway_cpu += fleet.process_cpu_seconds(self.gateway_pid) - cpu
+            self.gateway_cpu += self.read_cpu() - cpu
             self.gateway_time += time.perf_counter() - t
             self._opened = None
 
 
+Meters = Mapping[str, _Meter]
+"""One per gateway target."""
+
+
 async def _open_loop(
-    targets: _Targets, meter: _Meter, body: bytes, rate: float, duration: float, slot: float, seed: int
+    targets: _Targets, meters: Meters, body: bytes, rate: float, duration: float, slot: float, seed: int
 ) -> list[Sample]:
     rng = random.Random(f"overhead-arrivals:{seed}")
-    slots = slot_schedule(duration, slot)
+    slots = slot_schedule(duration, slot, targets.names)
     tasks: list[asyncio.Task[Sample]] = []
     t0 = time.perf_counter()
     for start, end, target in slots:
         # Open the meter at the slot's start: in-flight requests of the last slot finish within it
         # (a few ms), a small bias alike for every slot.
-        if target == "gateway":
-            meter.open()
+        if target != "direct":
+            meters[target].open()
         t = start + rng.expovariate(rate)
         while t < end:
             delay = t0 + t - time.perf_counter()
@@ -306,15 +326,15 @@ async def _open_loop(
         delay = t0 + end - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        if target == "gateway":
-            meter.close()
+        if target != "direct":
+            meters[target].close()
     return list(await asyncio.gather(*tasks))
 
 
 async def _closed_streams(
-    targets: _Targets, meter: _Meter, body: bytes, concurrency: int, duration: float, slot: float
+    targets: _Targets, meters: Meters, body: bytes, concurrency: int, duration: float, slot: float
 ) -> list[Sample]:
-    slots = slot_schedule(duration, slot)
+    slots = slot_schedule(duration, slot, targets.names)
     t0 = time.perf_counter()
     current = ["direct"]
     stop = False
@@ -330,7 +350,8 @@ async def _closed_streams(
 
     # Streams outlast slots (a stream started late in a gateway slot is relayed into the next one), so
     # the gateway's CPU is read over the whole phase; its idle cost (a scrape a second) is negligible.
-    meter.open()
+    for meter in meters.values():
+        meter.open()
     workers = [asyncio.create_task(worker(i)) for i in range(concurrency)]
     for _start, end, target in slots:
         current[0] = target
@@ -339,23 +360,42 @@ async def _closed_streams(
             await asyncio.sleep(delay)
     stop = True
     await asyncio.gather(*workers)
-    meter.close()
-    meter.gateway_time = sum(end - start for start, end, target in slots if target == "gateway")
+    seconds = slot_seconds(slots)
+    for name, meter in meters.items():
+        meter.close()
+        meter.gateway_time = seconds.get(name, 0.0)
     # A stream belongs to the target it was sent to; streams still running at a switch overlap the next
     # slot by one stream's length at most, alike for both targets.
     return samples
 
 
-async def _phase(name: str, config: OverheadConfig, targets: _Targets, gateway_pid: int) -> dict[str, Any]:
-    meter = _Meter(gateway_pid)
+def _meters(cpu_readers: Mapping[str, Callable[[], float]]) -> dict[str, _Meter]:
+    return {name: _Meter(read) for name, read in cpu_readers.items()}
+
+
+def peer_view(samples: Sequence[Sample], peer: str) -> list[Sample]:
+    """The direct samples and the peer's, the peer's relabelled "gateway": what `summarize_phase`
+    reads, so a peer gets exactly kubeinfer's figures against the same direct samples."""
+    return [s for s in samples if s.target == "direct"] + [
+        replace(s, target="gateway") for s in samples if s.target == peer
+    ]
+
+
+async def _phase(
+    name: str, config: OverheadConfig, targets: _Targets, cpu_readers: Mapping[str, Callable[[], float]]
+) -> dict[str, Any]:
+    meters = _meters(cpu_readers)
+    n_targets = len(targets.names)
     if name == "stream":
         body = request_body(config.body_bytes, stream=True, max_tokens=config.stream_tokens, seed=config.seed)
-        # Warm-up: a full set of connections on both targets.
-        await _closed_streams(targets, _Meter(gateway_pid), body, config.stream_concurrency,
-                              2 * max(config.warmup, 0.1), max(config.warmup, 0.1))  # fmt: skip
+        # Warm-up: a full set of connections on every target.
+        await _closed_streams(targets, _meters(cpu_readers), body, config.stream_concurrency,
+                              n_targets * max(config.warmup, 0.1), max(config.warmup, 0.1))  # fmt: skip
         c0, w0 = time.process_time(), time.perf_counter()
+        # With peers the phase is longer, so each target keeps the time it has without them.
+        duration = config.stream_duration * n_targets / 2
         samples = await _closed_streams(
-            targets, meter, body, config.stream_concurrency, config.stream_duration, config.stream_slot
+            targets, meters, body, config.stream_concurrency, duration, config.stream_slot
         )
     else:
         size, rate, duration = (
@@ -364,19 +404,40 @@ async def _phase(name: str, config: OverheadConfig, targets: _Targets, gateway_p
         )  # fmt: skip
         body = request_body(size, stream=False, max_tokens=16, seed=config.seed)
         if config.warmup > 0:
-            await _open_loop(targets, _Meter(gateway_pid), body, rate, 2 * config.warmup, config.warmup,
-                             config.seed + 1)  # fmt: skip
+            await _open_loop(targets, _meters(cpu_readers), body, rate, n_targets * config.warmup,
+                             config.warmup, config.seed + 1)  # fmt: skip
         c0, w0 = time.process_time(), time.perf_counter()
-        samples = await _open_loop(targets, meter, body, rate, duration, config.slot, config.seed)
+        duration = duration * n_targets / 2
+        samples = await _open_loop(targets, meters, body, rate, duration, config.slot, config.seed)
     client_cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+    kubeinfer = [s for s in samples if s.target in ("direct", "gateway")]
+    # The client's CPU is shared by every target: each gets its share by its requests.
     out = summarize_phase(
-        samples, gateway_cpu_s=meter.gateway_cpu, gateway_slot_s=meter.gateway_time, client_cpu_s=client_cpu,
-        wall_s=wall,
+        kubeinfer, gateway_cpu_s=meters["gateway"].gateway_cpu, gateway_slot_s=meters["gateway"].gateway_time,
+        client_cpu_s=client_cpu * len(kubeinfer) / max(1, len(samples)), wall_s=wall * 2 / n_targets,
     )  # fmt: skip
+    peers: dict[str, Any] = {}
+    for peer in targets.names[2:]:
+        view = peer_view(samples, peer)
+        figures = summarize_phase(
+            view, gateway_cpu_s=meters[peer].gateway_cpu, gateway_slot_s=meters[peer].gateway_time,
+            client_cpu_s=client_cpu * len(view) / max(1, len(samples)), wall_s=wall * 2 / n_targets,
+        )  # fmt: skip
+        figures[peer] = figures.pop("gateway")
+        figures.pop("direct")
+        figures["errors"] = {k.replace("gateway:", f"{peer}:"): v for k, v in figures["errors"].items()
+                             if not k.startswith("direct:")}  # fmt: skip
+        peers[peer] = figures
     out["body_bytes"] = len(body)
     if name != "stream":
         out["rate"] = rate
-        out["achieved_rps"] = {t: out[t]["requests"] / (duration / 2) for t in ("direct", "gateway")}
+        seconds = slot_seconds(slot_schedule(duration, config.slot, targets.names))
+        out["achieved_rps"] = {t: out[t]["requests"] / seconds["direct"] for t in ("direct", "gateway")}
+        for peer, figures in peers.items():
+            figures["achieved_rps"] = figures[peer]["requests"] / seconds[peer]
+    if peers:
+        out["peers"] = peers
+        out["vs_kubeinfer"] = overhead_comparison(out, peers)
     return out
 
 
