@@ -104,7 +104,8 @@ async def test_hpa_is_applied_read_back_and_reads_the_models_scale(
     }
     assert (spec["minReplicas"], spec["maxReplicas"]) == (1, 3)
     assert spec["metrics"][0]["external"]["target"] == {"type": "AverageValue", "averageValue": "4"}
-    assert spec["metrics"][0]["external"]["metric"]["selector"] == {"matchLabels": {"model": "hpa-model"}}
+    selector = spec["metrics"][0]["external"]["metric"]["selector"]
+    assert selector == {"matchLabels": {"model_namespace": namespace, "model": "hpa-model"}}
     assert spec["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 90
     owner = hpa["metadata"]["ownerReferences"][0]
     assert (owner["kind"], owner["uid"], owner["controller"]) == ("LLMModel", body["metadata"]["uid"], True)
@@ -272,7 +273,7 @@ async def test_scaled_object_is_schema_valid_and_read_back(k8s_api, namespace, k
     trigger = spec["triggers"][0]
     assert trigger["metadata"] == {
         "serverAddress": CONFIG.prometheus_address,
-        "query": 'sum(kubeinfer_gateway_model_load{model="keda-model"})',
+        "query": f'sum(kubeinfer_gateway_model_load{{model_namespace="{namespace}",model="keda-model"}})',
         "threshold": "4",
     }
     owner = so["metadata"]["ownerReferences"][0]

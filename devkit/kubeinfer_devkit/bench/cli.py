@@ -79,6 +79,21 @@ def _say(text: str) -> None:
     print(f"[bench] {text}", file=sys.stderr, flush=True)
 
 
+def _peers(text: str | None) -> tuple[str, ...]:
+    from kubeinfer_devkit.bench.peers import parse_peers
+
+    try:
+        return parse_peers(text)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+
+
+PEERS_HELP = (
+    "comma-separated other gateways to measure side by side: vllm-router, litellm (each installed once "
+    "into its own venv under ~/.cache/kubeinfer/peers; one that fails is reported, not dropped)"
+)
+
+
 def cmd_bench_overhead(args: argparse.Namespace) -> int:
     from kubeinfer_devkit.bench.overhead import OverheadConfig, format_overhead, run_overhead
 
@@ -88,7 +103,7 @@ def cmd_bench_overhead(args: argparse.Namespace) -> int:
         large_duration=args.large_duration, stream_concurrency=args.stream_concurrency,
         stream_tokens=args.stream_tokens, stream_interval_ms=args.stream_interval_ms,
         stream_duration=args.stream_duration, stream_slot=args.stream_slot, warmup=args.warmup,
-        pin=args.pin, phases=tuple(args.phases.split(",")),
+        pin=args.pin, phases=tuple(args.phases.split(",")), peers=_peers(args.peers),
     )  # fmt: skip
     try:
         result = asyncio.run(run_overhead(config, on_phase=lambda name: _say(f"phase {name}")))
@@ -107,7 +122,7 @@ def cmd_bench_routing(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens, requests=args.requests, concurrency=args.concurrency,
         num_blocks=args.num_blocks, target_inflight=args.target_inflight,
         tell_gateway_max_num_seqs=args.tell_max_num_seqs, max_num_seqs=args.max_num_seqs, seed=args.seed,
-        pin=args.pin, scrape_interval=args.scrape_interval, repeat=args.repeat,
+        pin=args.pin, scrape_interval=args.scrape_interval, repeat=args.repeat, peers=_peers(args.peers),
     )  # fmt: skip
     try:
         result = asyncio.run(run_routing(config, on_policy=lambda name: _say(f"policy {name}")))
@@ -234,6 +249,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--phases", default="small,large,stream", help="comma-separated: small, large, stream")
     p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
                    help="gateway on the last core, the rest on the others (Linux, 2+ cores)")  # fmt: skip
+    p.add_argument("--peers", help=PEERS_HELP)
     p.add_argument("--json", action="store_true")
     p.add_argument("--plot", help="also write a figure (PNG or SVG; needs the bench extra)")
     p.set_defaults(func=cmd_bench_overhead)
@@ -258,6 +274,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--repeat", type=int, default=1, help="runs of every policy; figures are their means")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--peers", help=PEERS_HELP + "; vllm-router runs as cache_aware and round_robin")
     p.add_argument("--json", action="store_true")
     p.add_argument("--plot", help="also write a figure (PNG or SVG; needs the bench extra)")
     p.set_defaults(func=cmd_bench_routing)

@@ -70,6 +70,9 @@ class OverheadConfig:
     seed: int = 0
     pin: bool = True
     phases: tuple[str, ...] = ("small", "large", "stream")
+    peers: tuple[str, ...] = ()
+    """Other gateways measured in the same interleaved run (`peers.PEERS`): each phase then lasts
+    (2 + peers) / 2 times longer, so that every target keeps its time."""
 
     def validate(self) -> None:
         if self.rate <= 0 or self.large_rate <= 0 or self.duration <= 0 or self.slot <= 0:
@@ -81,6 +84,7 @@ class OverheadConfig:
         unknown = set(self.phases) - {"small", "large", "stream"}
         if unknown:
             raise ValueError(f"unknown phases: {sorted(unknown)}")
+        peers.parse_peers(",".join(self.peers))
 
 
 # --- pure parts --------------------------------------------------------------------------------------
@@ -416,7 +420,7 @@ async def _phase(
         kubeinfer, gateway_cpu_s=meters["gateway"].gateway_cpu, gateway_slot_s=meters["gateway"].gateway_time,
         client_cpu_s=client_cpu * len(kubeinfer) / max(1, len(samples)), wall_s=wall * 2 / n_targets,
     )  # fmt: skip
-    peers: dict[str, Any] = {}
+    peer_figures: dict[str, Any] = {}
     for peer in targets.names[2:]:
         view = peer_view(samples, peer)
         figures = summarize_phase(
@@ -427,17 +431,17 @@ async def _phase(
         figures.pop("direct")
         figures["errors"] = {k.replace("gateway:", f"{peer}:"): v for k, v in figures["errors"].items()
                              if not k.startswith("direct:")}  # fmt: skip
-        peers[peer] = figures
+        peer_figures[peer] = figures
     out["body_bytes"] = len(body)
     if name != "stream":
         out["rate"] = rate
         seconds = slot_seconds(slot_schedule(duration, config.slot, targets.names))
         out["achieved_rps"] = {t: out[t]["requests"] / seconds["direct"] for t in ("direct", "gateway")}
-        for peer, figures in peers.items():
+        for peer, figures in peer_figures.items():
             figures["achieved_rps"] = figures[peer]["requests"] / seconds[peer]
-    if peers:
-        out["peers"] = peers
-        out["vs_kubeinfer"] = overhead_comparison(out, peers)
+    if peer_figures:
+        out["peers"] = peer_figures
+        out["vs_kubeinfer"] = overhead_comparison(out, peer_figures)
     return out
 
 
@@ -448,11 +452,31 @@ def _load() -> list[float] | None:
         return None
 
 
+def _start_peers(
+    venvs: Mapping[str, Any], replica_urls: Sequence[str], workdir: str, cores: set[int] | None,
+    entries: dict[str, dict[str, Any]], on_step: Callable[[str], None] | None,
+) -> dict[str, peers.PeerProcess]:  # fmt: skip
+    """Start every installed peer over the replicas; a failure becomes its entry's error."""
+    started: dict[str, peers.PeerProcess] = {}
+    for name, venv in venvs.items():
+        try:
+            # vllm-router: round-robin, as kubeinfer's gateway here (no routing decision to weigh).
+            started[name] = peers.start_peer(name, venv, replica_urls, MODEL, workdir, cores=cores)
+            entries[name] = {"version": started[name].version, "pid": started[name].pid}
+        except peers.PeerError as exc:
+            entries[name] = peers.peer_error(name, exc, stage="start")
+            if on_step:
+                on_step(f"{name}: {entries[name]['error']}")
+    return started
+
+
 async def run_overhead(
     config: OverheadConfig, *, on_phase: Callable[[str], None] | None = None
 ) -> dict[str, Any]:
-    """Start the echo replicas and a gateway, run the phases, stop everything; the result dict."""
+    """Start the echo replicas and a gateway (and the peers), run the phases, stop everything; the
+    result dict."""
     config.validate()
+    venvs, peer_entries = peers.prepare(config.peers, on_step=on_phase)
     pin = config.pin and fleet.can_pin()
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     gateway_cores = {cores[-1]} if pin else None
@@ -473,13 +497,22 @@ async def run_overhead(
                     MODEL, replicas.addresses, "round-robin", target_inflight=10000, max_queue=100000
                 )
                 gateway = fleet.start_gateway(static, tmp, cores=gateway_cores)
+                started: dict[str, peers.PeerProcess] = {}
                 try:
-                    async with _Targets(replicas.urls, gateway.url) as targets:
+                    started = _start_peers(venvs, replicas.urls, tmp, gateway_cores, peer_entries, on_phase)
+                    peer_urls = {n: p.url for n, p in started.items()}
+                    readers: dict[str, Callable[[], float]] = {
+                        "gateway": lambda: peers.tree_cpu_seconds(gateway.pid),
+                        **{n: p.cpu_seconds for n, p in started.items()},
+                    }
+                    async with _Targets(replicas.urls, gateway.url, peer_urls) as targets:
                         for name in config.phases:
                             if on_phase:
                                 on_phase(name)
-                            result[name] = await _phase(name, config, targets, gateway.pid)
+                            result[name] = await _phase(name, config, targets, readers)
                 finally:
+                    for p in started.values():
+                        p.stop()
                     gateway.stop()
             finally:
                 replicas.stop()
@@ -499,6 +532,10 @@ async def run_overhead(
     stream = result.get("stream") or {}
     result["stream_added_itl_p99_ms"] = stream.get("added_itl_p99_ms")
     result["goals"] = check_goals(result)
+    if config.peers:
+        # Every peer asked for is here: its version, or why it is missing.
+        result["peers"] = {n: peer_entries.get(n, {"error": "not run"}) for n in config.peers}
+        result["vs_kubeinfer"] = small.get("vs_kubeinfer") or {}
     return result
 
 
@@ -540,4 +577,4 @@ def format_overhead(result: dict[str, Any]) -> str:
         )
     lines.append("\ngoals: " + ", ".join(f"{k} {'-' if v is None else 'met' if v else 'MISSED'}"
                                           for k, v in result["goals"].items()))  # fmt: skip
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + peers.format_overhead_peers(result)

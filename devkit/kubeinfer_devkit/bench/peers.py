@@ -53,7 +53,7 @@ class PeerSpec:
 
 PEERS: dict[str, PeerSpec] = {
     "vllm-router": PeerSpec("vllm-router", "vllm-router", "0.1.17", "/health"),
-    "litellm": PeerSpec("litellm", "litellm[proxy]", "1.110.2", "/health/liveliness"),
+    "litellm": PeerSpec("litellm", "litellm[proxy]", "1.100.0", "/health/liveliness"),
 }
 
 VLLM_ROUTER_POLICIES = (
@@ -100,8 +100,10 @@ def peer_dir(spec: PeerSpec, root: Path | None = None) -> Path:
     return (root or cache_root()) / f"{spec.name}-{spec.version}"
 
 
-def _tail(text: str, lines: int = 8) -> str:
-    return "\n".join(text.strip().splitlines()[-lines:])
+def _tail(text: str, lines: int = 6, width: int = 300) -> str:
+    """The last lines of a subprocess's output, each cut to `width` characters (pip lists versions)."""
+    last = text.strip().splitlines()[-lines:]
+    return "\n".join(line if len(line) <= width else line[: width - 3] + "..." for line in last)
 
 
 def ensure_installed(
@@ -265,7 +267,7 @@ def tree_cpu_seconds(pid: int) -> float:
         seen.add(p)
         try:
             total += fleet.process_cpu_seconds(p)
-        except Exception:  # noqa: BLE001 - a child that exited between listing and reading
+        except Exception:  # a child that exited between listing and reading (psutil's NoSuchProcess)
             continue
         todo += children(p)
     return total
@@ -286,7 +288,8 @@ def _wait_healthy(name: str, url: str, proc: subprocess.Popen[bytes], log_path: 
                 log = _tail(Path(log_path).read_text(errors="replace"))
             except OSError:
                 log = ""
-            why = f"exited {proc.returncode}" if proc.returncode is not None else f"no answer in {timeout:.0f} s"
+            code = proc.returncode
+            why = f"exited {code}" if code is not None else f"no answer in {timeout:.0f} s"
             raise PeerError(f"{name} did not start ({why}){': ' + log if log else ''}")
         time.sleep(0.1)
 

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from kubeinfer.gateway.scrape import ReplicaStats, parse_metrics
-from kubeinfer_devkit.bench import datasets, fleet, stats
+from kubeinfer_devkit.bench import datasets, fleet, peers, stats
 from kubeinfer_devkit.bench.datasets import Prompt
 from kubeinfer_devkit.bench.loadgen import LoadConfig, RunResult, run_load
 
@@ -67,6 +67,8 @@ class RoutingConfig:
     repeat: int = 1
     """Runs of every policy (interleaved: all policies, then all again), each on fresh replicas; the
     figures are their means, `spread` their mean, stddev, min, max and CV."""
+    peers: tuple[str, ...] = ()
+    """Other gateways run as more policies (`peer_policies`), on fresh sims like kubeinfer's."""
 
     def validate(self) -> None:
         if (
@@ -82,6 +84,7 @@ class RoutingConfig:
         unknown = [p for p in self.policies if p not in POLICIES]
         if unknown or not self.policies:
             raise ValueError(f"policies must be among {', '.join(POLICIES)}: {unknown or 'none given'}")
+        peers.parse_peers(",".join(self.peers))
 
     def sim(self) -> dict[str, Any]:
         return {"num_blocks": self.num_blocks, "block_size": self.block_size,
@@ -89,6 +92,17 @@ class RoutingConfig:
 
 
 # --- pure parts --------------------------------------------------------------------------------------
+
+
+PEER_POLICIES = {
+    "vllm-router": ("cache_aware", "round_robin"),
+    "litellm": ("simple-shuffle",),
+}
+
+
+def peer_policies(names: Sequence[str]) -> list[tuple[str, str, str]]:
+    """(row name, peer, the peer's policy) of each peer's rows in the table: `vllm-router/cache_aware`..."""
+    return [(f"{n}/{policy}", n, policy) for n in names for policy in PEER_POLICIES[n]]
 
 
 def build_prompts(config: RoutingConfig) -> list[Prompt]:
@@ -243,19 +257,29 @@ async def _cached_ttft(url: str, prompts: Sequence[Prompt], config: RoutingConfi
 
 async def _one_policy(
     policy: str, config: RoutingConfig, prompts: Sequence[Prompt], workdir: str,
-    cores: tuple[set[int] | None, set[int] | None],
+    cores: tuple[set[int] | None, set[int] | None], peer: tuple[str, Any, str] | None = None,
 ) -> tuple[dict[str, Any], float | None]:  # fmt: skip
+    """One policy on fresh sims: kubeinfer's gateway, or with `peer` = (name, venv, its policy) a peer
+    gateway (PeerError when that does not start)."""
     client_cores, gateway_cores = cores
     sims = fleet.start_fleet("sim", config.replicas + 1, config.sim(), cores=client_cores)
     try:
-        static = fleet.static_config(
-            MODEL, sims.addresses[: config.replicas], policy,
-            max_num_seqs=config.max_num_seqs if config.tell_gateway_max_num_seqs else None,
-            target_inflight=config.target_inflight, max_queue=100000,
-        )  # fmt: skip
-        gateway = fleet.start_gateway(
-            static, workdir, cores=gateway_cores, scrape_interval=config.scrape_interval
-        )
+        gateway: fleet.GatewayProcess | peers.PeerProcess
+        if peer is not None:
+            name, venv, peer_policy = peer
+            gateway = peers.start_peer(
+                name, venv, sims.urls[: config.replicas], MODEL, workdir, cores=gateway_cores,
+                policy=peer_policy,
+            )  # fmt: skip
+        else:
+            static = fleet.static_config(
+                MODEL, sims.addresses[: config.replicas], policy,
+                max_num_seqs=config.max_num_seqs if config.tell_gateway_max_num_seqs else None,
+                target_inflight=config.target_inflight, max_queue=100000,
+            )  # fmt: skip
+            gateway = fleet.start_gateway(
+                static, workdir, cores=gateway_cores, scrape_interval=config.scrape_interval
+            )
         try:
             load = LoadConfig(
                 url=gateway.url, model=MODEL, iterations=len(prompts), concurrency=config.concurrency,
@@ -301,26 +325,48 @@ async def run_routing(
     }  # fmt: skip
     cached: list[float] = []
     runs: list[dict[str, dict[str, Any]]] = []
+    venvs, peer_entries = peers.prepare(config.peers, on_step=on_policy)
+    rows: list[tuple[str, tuple[str, Any, str] | None]] = [(p, None) for p in config.policies]
+    rows += [(row, (n, venvs[n], pp)) for row, n, pp in peer_policies(list(venvs))]
     if client:
         os.sched_setaffinity(0, client)
     try:
         with tempfile.TemporaryDirectory(prefix="kubeinfer-bench-") as tmp:
             for i in range(config.repeat):
                 runs.append({})
-                for policy in config.policies:
+                for policy, peer in rows:
+                    if peer is not None and "error" in peer_entries.get(peer[0], {}):
+                        continue  # this peer did not start before: reported once
                     if on_policy:
                         on_policy(policy if config.repeat == 1 else f"{policy} (run {i + 1}/{config.repeat})")
                     t0 = time.monotonic()
-                    figures, ttft = await _one_policy(policy, config, prompts, tmp, (client, gateway))
+                    try:
+                        figures, ttft = await _one_policy(
+                            policy, config, prompts, tmp, (client, gateway), peer
+                        )
+                    except peers.PeerError as exc:
+                        assert peer is not None
+                        peer_entries[peer[0]] = peers.peer_error(peer[0], exc, stage="start")
+                        if on_policy:
+                            on_policy(f"{peer[0]}: {peer_entries[peer[0]]['error']}")
+                        continue
                     figures["wall_s"] = time.monotonic() - t0
                     runs[-1][policy] = figures
                     if ttft is not None:
                         cached.append(ttft)
+                    if peer is not None:
+                        entry = peer_entries.setdefault(peer[0], {"policies": []})
+                        entry["version"] = peers.PEERS[peer[0]].version
+                        if policy not in entry["policies"]:
+                            entry["policies"].append(policy)
     finally:
         if client:
             os.sched_setaffinity(0, set(cores))
     result["load_average_after"] = _load()
-    result["policies"] = {p: merge_runs([run[p] for run in runs]) for p in config.policies}
+    ran = [p for p, _ in rows if all(p in run for run in runs)]
+    result["policies"] = {p: merge_runs([run[p] for run in runs]) for p in ran}
+    if config.peers:
+        result["peers"] = {n: peer_entries.get(n, {"error": "not run"}) for n in config.peers}
     if config.repeat > 1:
         result["runs"] = runs
     result["cached_ttft_ms"] = stats.percentile(cached, 50)
@@ -339,13 +385,15 @@ async def run_routing(
 
 def format_routing(result: dict[str, Any]) -> str:
     cfg = result["config"]
+    width = max([14, *(len(n) for n in result["policies"])])
     lines = [
         f"{cfg['workload']}: {cfg['replicas']} sims, {cfg['requests']} requests, concurrency "
         f"{cfg['concurrency']}, {cfg['groups']} groups x {cfg['system_prompt_len']} tokens, num_blocks "
         f"{cfg['num_blocks']}; load average {result['load_average_before']} -> "
         f"{result['load_average_after']}",
         "",
-        f"{'policy':14} {'mean TTFT':>10} {'p90 TTFT':>10} {'tok/s':>8} {'success':>8} {'hit rate':>9} "
+        f"{'policy':{width}} {'mean TTFT':>10} {'p90 TTFT':>10} {'p99 TTFT':>10} {'tok/s':>8} "
+        f"{'success':>8} {'hit rate':>9} "
         f"{'imbalance':>9} {'split groups':>12}",
     ]
 
@@ -354,7 +402,8 @@ def format_routing(result: dict[str, Any]) -> str:
 
     for name, p in result["policies"].items():
         lines.append(
-            f"{name:14} {num(p['mean_ttft_ms'], '10.1f')} {num(p['p90_ttft_ms'], '10.1f')} "
+            f"{name:{width}} {num(p['mean_ttft_ms'], '10.1f')} {num(p['p90_ttft_ms'], '10.1f')} "
+            f"{num(p.get('p99_ttft_ms'), '10.1f')} "
             f"{num(p['output_tok_s'], '8.1f')} {p['success_rate']:8.1%} "
             f"{num(p['prefix_cache_hit_rate'], '9.1%')} "
             f"{num(p['imbalance'], '9.2f')} {num(p['groups_on_several_replicas'], '12.0f')}"
@@ -383,4 +432,4 @@ def format_routing(result: dict[str, Any]) -> str:
                 f"p90 TTFT {num(c['p90_ttft_reduction_vs_rr'], '+.1%')} lower, "
                 f"throughput {num(c['throughput_gain_vs_rr'], '+.1%')}"
             )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + peers.format_routing_peers(result)
