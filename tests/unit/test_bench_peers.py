@@ -108,6 +108,9 @@ def test_tree_cpu_includes_this_process():
 def test_ratio():
     assert peers.ratio(2.0, 5.0) == pytest.approx(2.5)
     assert peers.ratio(None, 1.0) is None and peers.ratio(0.0, 1.0) is None and peers.ratio(1.0, None) is None
+    # An added latency at or below the noise floor, or negative, gives no ratio.
+    assert peers.ratio(-0.6, 84.0, 0.1) is None and peers.ratio(0.02, 0.3, 0.1) is None
+    assert peers.ratio(1.2, -1.2, 0.1) is None and peers.ratio(1.2, 2.4, 0.1) == pytest.approx(2.0)
 
 
 def test_slots_cycle_through_every_target():
@@ -142,7 +145,9 @@ def _phase() -> dict[str, object]:
 def test_overhead_comparison_values_and_ratios():
     phase = _phase()
     cmp = peers.overhead_comparison(phase, {**phase["peers"], "broken": {"error": "start failed: x"}})  # type: ignore[dict-item]
-    assert cmp["vllm-router"]["gateway_cpu_us_per_request"] == {"value": 50.0, "ratio_vs_kubeinfer": 0.25}
+    assert cmp["vllm-router"]["gateway_cpu_us_per_request"] == {
+        "value": 50.0, "kubeinfer": 200.0, "ratio_vs_kubeinfer": 0.25,
+    }  # fmt: skip
     assert cmp["litellm"]["added_p99_ms"]["ratio_vs_kubeinfer"] == pytest.approx(15.0)
     assert "added_itl_p99_ms" not in cmp["litellm"]  # measured by nobody in this phase
     assert cmp["broken"] == {"error": "start failed: x"}

@@ -7,6 +7,9 @@ gateway's) in their own process; the gateway runs as its own process, as in prod
 more cores the gateway is pinned to the last core and the replicas and the load generator to the
 others, so the gateway's figure is one core's.
 
+This file is over 500 lines because the three phases share one slot schedule, one sampler and one
+report, and `--peers` (bench/peers.py) puts every peer gateway through the same slots.
+
 Three phases, each with its own figures:
 
 - `small`: an open loop of Poisson arrivals at `rate`/s with `body_bytes` request bodies, non-streamed
@@ -311,8 +314,14 @@ async def _open_loop(
     rng = random.Random(f"overhead-arrivals:{seed}")
     slots = slot_schedule(duration, slot, targets.names)
     tasks: list[asyncio.Task[Sample]] = []
+    # With peers, a gateway slower than the rate (LiteLLM) still has requests in flight at its slot's
+    # end, and would spend them on the gateways' shared core in the next gateway's slot: each gateway
+    # slot then ends only once its requests are done, the schedule shifted by that wait (and the wait
+    # counted in that gateway's CPU). Without peers, slots switch on time as they always did.
+    drain = len(targets.names) > 2
     t0 = time.perf_counter()
     for start, end, target in slots:
+        first = len(tasks)
         # Open the meter at the slot's start: in-flight requests of the last slot finish within it
         # (a few ms), a small bias alike for every slot.
         if target != "direct":
@@ -330,6 +339,12 @@ async def _open_loop(
         delay = t0 + end - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
+        if drain and target != "direct":
+            pending = [task for task in tasks[first:] if not task.done()]
+            if pending:
+                waited = time.perf_counter()
+                await asyncio.wait(pending)
+                t0 += time.perf_counter() - waited
         if target != "direct":
             meters[target].close()
     return list(await asyncio.gather(*tasks))

@@ -353,19 +353,22 @@ def prepare(
 # --- comparing -----------------------------------------------------------------------------------
 
 
-def ratio(base: float | None, other: float | None) -> float | None:
-    """other / base (2.0: twice kubeinfer's figure), None when undefined."""
-    if base is None or other is None or base == 0:
+def ratio(base: float | None, other: float | None, floor: float = 0.0) -> float | None:
+    """other / base (2.0: twice kubeinfer's figure); None when undefined: either missing, or `base` at
+    or below `floor`, or `other` negative (an added latency within the noise: a ratio of two such
+    differences means nothing; the values are given beside it)."""
+    if base is None or other is None or base <= floor or other < 0:
         return None
     return other / base
 
 
+# (key, label, floor of kubeinfer's value for a ratio): added latencies below 0.1 ms are noise here.
 OVERHEAD_FIGURES = (
-    ("added_p50_ms", "added p50 ms"),
-    ("added_p99_ms", "added p99 ms"),
-    ("gateway_cpu_us_per_request", "CPU us/request"),
-    ("added_itl_p99_ms", "added ITL p99 ms"),
-    ("gateway_cpu_us_per_chunk", "CPU us/chunk"),
+    ("added_p50_ms", "added p50 ms", 0.1),
+    ("added_p99_ms", "added p99 ms", 0.1),
+    ("gateway_cpu_us_per_request", "CPU us/request", 0.0),
+    ("added_itl_p99_ms", "added ITL p99 ms", 0.1),
+    ("gateway_cpu_us_per_chunk", "CPU us/chunk", 0.0),
 )
 
 
@@ -378,10 +381,13 @@ def overhead_comparison(phase: Mapping[str, Any], peers: Mapping[str, Mapping[st
             out[name] = {"error": figures["error"]}
             continue
         out[name] = {
-            key: {"value": figures.get(key), "ratio_vs_kubeinfer": ratio(phase.get(key), figures.get(key))}
-            for key, _ in OVERHEAD_FIGURES
+            key: {
+                "value": figures.get(key), "kubeinfer": phase.get(key),
+                "ratio_vs_kubeinfer": ratio(phase.get(key), figures.get(key), floor),
+            }
+            for key, _, floor in OVERHEAD_FIGURES
             if phase.get(key) is not None or figures.get(key) is not None
-        }
+        }  # fmt: skip
     return out
 
 
@@ -410,18 +416,18 @@ def format_overhead_peers(result: Mapping[str, Any]) -> str:
         p = result.get(phase)
         if not p:
             continue
-        keys = [(k, label) for k, label in OVERHEAD_FIGURES if p.get(k) is not None]
-        rows = [["kubeinfer", *(_num(p.get(k), ".1f") for k, _ in keys)]]
+        keys = [(k, label, floor) for k, label, floor in OVERHEAD_FIGURES if p.get(k) is not None]
+        rows = [["kubeinfer", *(_num(p.get(k), ".1f") for k, _, _ in keys)]]
         for name, figures in (p.get("peers") or {}).items():
             if "error" in figures:
                 continue
             rows.append([
                 name,
-                *(f"{_num(figures.get(k), '.1f')} ({_num(ratio(p.get(k), figures.get(k)), '.2f')}x)"
-                  for k, _ in keys),
+                *(f"{_num(figures.get(k), '.1f')} ({_num(ratio(p.get(k), figures.get(k), floor), '.2f')}x)"
+                  for k, _, floor in keys),
             ])  # fmt: skip
         lines.append(f"\n[{phase}] kubeinfer and peers (peer: value (x kubeinfer))")
-        lines.append(format_table(["gateway", *(label for _, label in keys)], rows))
+        lines.append(format_table(["gateway", *(label for _, label, _ in keys)], rows))
     for name, entry in peers.items():
         if "error" in entry:
             lines.append(f"{name}: {entry['error']}")
