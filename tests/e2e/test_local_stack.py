@@ -40,7 +40,8 @@ to_thread = asyncio.to_thread  # blocking calls (kubectl, API polls) off the loo
 
 def first_token(stack: LocalStack, model: str, t0: float, timeout: float) -> float:
     """Seconds from t0 until a streamed chat completion through the gateway yields content (openai
-    SDK). Before that the gateway answers 404 (model not yet known) or 503 (no ready replica)."""
+    SDK). Before that the gateway answers 404 (model not yet known), or holds the stream while the
+    replica starts and, past queueTimeout, ends it with an error event (APIError)."""
     import openai
 
     client = stack.openai()
@@ -52,8 +53,8 @@ def first_token(stack: LocalStack, model: str, t0: float, timeout: float) -> flo
             ):
                 if chunk.choices and chunk.choices[0].delta.content:
                     return time.monotonic() - t0
-        except (openai.NotFoundError, openai.InternalServerError, openai.APIConnectionError) as exc:
-            last = exc  # 404 until discovery has the model; 503 while no replica is ready
+        except openai.APIError as exc:  # 404, 503, a held stream's error event, a refused connection
+            last = exc
         time.sleep(0.2)
     raise AssertionError(f"no token from {model} within {timeout:.0f}s (last: {last!r})")
 

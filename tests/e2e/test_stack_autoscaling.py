@@ -2,7 +2,7 @@
 from zero (a held stream hears how the start goes), sustained load scales it out, a scale-down under
 load loses nothing, and an idle model goes back to zero.
 
-Runs after test_local_stack.py on the same stack (the package fixture), with its own model. The
+Runs after test_local_stack.py (file order) on the same stack (the package fixture), with its own model. The
 stack's operator runs the builtin autoscaler every 2 s over a 10 s window (docs/local-stack.md).
 """
 
