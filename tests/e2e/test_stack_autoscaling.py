@@ -42,8 +42,14 @@ async def test_first_request_scales_from_zero_and_a_held_stream_hears_progress(s
     await to_thread(_apply_auto, stack)
     await to_thread(wait_for, lambda: _listed_state(stack) == "scaled-to-zero", 30, "listed at zero")
     assert await to_thread(stack.pods, AUTO) == []
-    ready = await to_thread(stack.condition, AUTO, "Ready")
-    assert ready.get("reason") == "ScaledToZero", ready
+    # The operator's status may trail the gateway's listing by a moment (it resumes every model after
+    # the previous test's restart of the stack).
+    await to_thread(
+        wait_for,
+        lambda: stack.condition(AUTO, "Ready").get("reason") == "ScaledToZero",
+        30,
+        "Ready=False ScaledToZero",
+    )
 
     t0 = time.monotonic()
     comments: list[str] = []
@@ -63,8 +69,10 @@ async def test_first_request_scales_from_zero_and_a_held_stream_hears_progress(s
                 first_token = time.monotonic() - t0
     assert first_token is not None, lines[:20]
     TIMINGS["scale from zero: request -> first token, llama-server"] = first_token
-    # The first line comes 0.5 s after the request: the scale-up is asked for, or already seen.
-    assert comments and ("scale-up requested" in comments[0] or "waiting for a pod" in comments[0]), comments
+    # The first line comes 0.5 s after the request; what it says depends on how far the start got by
+    # then (scale-up requested, waiting for a pod, the pod's stage). Every line names the model.
+    assert comments, lines[:20]
+    assert all(c.startswith(f": kubeinfer: starting default/{AUTO} (") for c in comments), comments
     assert first_token <= 60, f"first token {first_token:.1f}s after the request at zero replicas"
     assert await to_thread(_replicas, stack) == 1
 
@@ -100,8 +108,14 @@ async def test_idle_model_goes_back_to_zero(stack: LocalStack) -> None:
     await to_thread(wait_for, lambda: _replicas(stack) == 0, 120, "scaled to zero when idle")
     TIMINGS["idle -> zero replicas (scaleDownDelay 8s, window 10s)"] = time.monotonic() - t0
     await to_thread(wait_for, lambda: not stack.pods(AUTO), 120, "every pod of the idle model gone")
+    await to_thread(
+        wait_for,
+        lambda: stack.condition(AUTO, "Ready").get("reason") == "ScaledToZero",
+        30,
+        "Ready=False ScaledToZero",
+    )
     ready = await to_thread(stack.condition, AUTO, "Ready")
-    assert (ready["status"], ready["reason"]) == ("False", "ScaledToZero"), ready
+    assert ready["status"] == "False", ready
     degraded = await to_thread(stack.condition, AUTO, "Degraded")
     assert degraded["status"] == "False", degraded
     assert await to_thread(_listed_state, stack) == "scaled-to-zero"

@@ -190,19 +190,16 @@ async def other_child_changed(
     model = _owner_model(body, kwargs)
     if model is None:
         return
-    if event.get("type") == "MODIFIED":
-        try:
-            wanted = render(parse_body(model), memo.config)
-        except Exception:  # an invalid spec: the model's own handler reports it
-            return
-        kind, name = body.get("kind"), body.get("metadata", {}).get("name")
-        desired = next((o for o in wanted if o["kind"] == kind and o["metadata"]["name"] == name), None)
-        if desired is None or not drifted(desired, dict(event["object"])):
-            return
+    try:
+        wanted = render(parse_body(model), memo.config)
+    except Exception:  # an invalid spec: the model's own handler reports it
+        return
+    kind, name = body.get("kind"), body.get("metadata", {}).get("name")
+    desired = next((o for o in wanted if o["kind"] == kind and o["metadata"]["name"] == name), None)
+    if desired is None:  # not wanted now (a PDB the operator removed at one replica): nothing to do
+        return
+    if event.get("type") == "MODIFIED" and not drifted(desired, dict(event["object"])):
+        return
     result = await _run(model, memo)
-    if result.applied:
-        logger.info(
-            "re-applied %s of model %s (edited or deleted by hand)",
-            body.get("kind"),
-            model["metadata"]["name"],
-        )
+    if kind in result.applied:
+        logger.info("%s %s was edited or deleted: re-applied", kind, name)
