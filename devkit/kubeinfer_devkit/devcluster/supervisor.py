@@ -75,6 +75,7 @@ class Stack:
         self.restarts: dict[str, list[float]] = {}
         self.llama_server: Path | None = None
         self.started = time.monotonic()
+        self._gateway_port_chosen = False  # see _gateway_url_once
 
     # -- start --------------------------------------------------------------------------------------
 
@@ -214,7 +215,7 @@ class Stack:
     def _gateway_url_once(self) -> str:
         """The gateway's URL, its port chosen once (the operator needs it before the gateway starts;
         a restarted child must not see the gateway's own port as taken)."""
-        if not getattr(self, "_gateway_port_chosen", False):
+        if not self._gateway_port_chosen:
             if not _port_free(self.gateway_port):
                 from kubeinfer_devkit.devcluster.local import free_port
 

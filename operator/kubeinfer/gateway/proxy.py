@@ -48,7 +48,7 @@ async def proxy(state: State, scope: Scope, receive: Receive, send: Send) -> Non
                          code="concurrency_limit_exceeded", headers={"Retry-After": "1"})  # fmt: skip
             return await resp(scope, receive, send)
     try:
-        if prepared.body.get("stream") is True and not state.registry.ready_endpoints(prepared.entry.name):
+        if prepared.body.get("stream") is True and not state.registry.has_ready(prepared.entry.name):
             return await held_stream(state, prepared, arrived, receive, send, scope)
         outcome = await forward(state, prepared, arrived)
         if isinstance(outcome, JSONResponse):

@@ -138,11 +138,10 @@ class Registry:
 
     def state(self, name: str) -> str:
         """ready | starting (replicas exist, none ready yet) | scaled-to-zero | unavailable."""
-        endpoints = self.endpoints.get(name, [])
         entry = self.models.get(name)
-        if any(e.ready for e in endpoints):
+        if self.has_ready(name):
             return "ready"
-        if endpoints:
+        if self.endpoints.get(name):
             return "starting"
         if entry is not None and entry.replicas == 0:
             return "scaled-to-zero"
@@ -150,10 +149,9 @@ class Registry:
 
     def progress(self, name: str) -> str:
         """Where a cold start stands, in words for a person waiting on it."""
-        endpoints = self.endpoints.get(name, [])
-        if any(e.ready for e in endpoints):
+        if self.has_ready(name):
             return "a replica is ready"
-        phases = [f"{e.id}: {e.phase}" for e in endpoints if e.phase]
+        phases = [f"{e.id}: {e.phase}" for e in self.endpoints.get(name, []) if e.phase]
         if phases:
             return "; ".join(phases)
         entry = self.models.get(name)
@@ -185,12 +183,16 @@ class Registry:
     def ready_endpoints(self, name: str) -> list[Endpoint]:
         return [e for e in self.endpoints.get(name, []) if e.ready]
 
+    def has_ready(self, name: str) -> bool:
+        """Whether any replica is ready (per request: no list built)."""
+        return any(e.ready for e in self.endpoints.get(name, ()))
+
     def listed(self) -> list[tuple[ModelEntry, str]]:
         """(model, public id) for every served name and alias of the models a request can reach: with a
         ready replica, or scaled to zero and woken by the first request."""
         out = []
         for entry in self.models.values():
-            if self.ready_endpoints(entry.name) or entry.scale_from_zero:
+            if self.has_ready(entry.name) or entry.scale_from_zero:
                 out += [(entry, public) for public in (entry.served_name, *entry.aliases)]
         return out
 

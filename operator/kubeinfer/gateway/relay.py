@@ -102,14 +102,14 @@ async def forward(
         queue = state.queues[entry.name] = ModelQueue()
     timeout = state.settings.hold_timeout or parse_duration(entry.routing.queue_timeout)
     queue_wait = 0.0
-    if not state.registry.ready_endpoints(entry.name):
+    if not state.registry.has_ready(entry.name):
         state.registry.wake(entry)  # at zero replicas: ask for one now; this request waits for it
     for attempt in range(state.settings.retries + 1):
         if attempt == 0:
             try:
                 endpoint = await queue.admit(
                     lambda: _try_pick(state, entry, route, frozenset()),
-                    lambda: bool(state.registry.ready_endpoints(entry.name)),
+                    lambda: state.registry.has_ready(entry.name),
                     entry.routing.max_queue, timeout,
                 )  # fmt: skip
             except QueueFull:
