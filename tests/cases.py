@@ -158,6 +158,17 @@ def vllm_matrix() -> list[dict[str, Any]]:
     pvc["model"]["source"] = "pvc://models/checkpoints/model-7b"
     del pvc["model"]["revision"]
     specs.append(pvc)
+    cached = copy.deepcopy(FULL_VLLM)
+    cached["model"]["cache"] = {
+        "claimName": "weights", "size": "500Gi", "storageClassName": "nfs", "accessMode": "ReadWriteOnce",
+        "include": ["*.safetensors", "*.json"],
+    }  # fmt: skip
+    cached["adapters"] = [
+        {"name": "org/model-sql", "source": "hf://org/sql-lora", "revision": "v2"},
+        {"name": "chat-lora", "source": "pvc://loras/chat"},
+    ]
+    cached["lora"] = {"maxLoras": 2, "maxRank": 64, "maxCpuLoras": 8}
+    specs.append(cached)
     return specs
 
 
@@ -194,6 +205,14 @@ def llama_matrix() -> list[dict[str, Any]]:
     text_only["modalities"] = ["text"]
     del text_only["multimodal"]
     specs.append(text_only)
+    cached = copy.deepcopy(FULL_LLAMA)
+    cached["model"].update(source="org/model-GGUF:Q4_K_M", revision="v2", cache={"claimName": "weights"})
+    cached["multimodal"]["mmproj"] = "auto"
+    cached["adapters"] = [
+        {"name": "big-sql", "source": "hf://org/lora-GGUF/sql-f16.gguf", "scale": 0.5},
+        {"name": "big-chat", "source": "pvc://loras/chat.gguf"},
+    ]
+    specs.append(cached)
     return specs
 
 
@@ -260,7 +279,90 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     (
         "revision-on-llama",
         _with(LLAMA_MIN, "model.revision", "main"),
-        "model.revision and model.trustRemoteCode",
+        "model.revision on llama-server needs model.cache",
+    ),
+    (
+        "trust-code-on-llama",
+        _with(LLAMA_MIN, "model.trustRemoteCode", True),
+        "model.trustRemoteCode is a vLLM",
+    ),
+    (
+        "cache-on-pvc",
+        _with(_with(VLLM_MIN, "model.source", "pvc://models/m"), "model.cache", {}),
+        "model.cache fetches Hugging Face sources",
+    ),
+    (
+        "cache-include-on-llama",
+        _with(LLAMA_MIN, "model.cache", {"include": ["*.gguf"]}),
+        "model.cache.include",
+    ),
+    ("cache-bad-access-mode", _with(VLLM_MIN, "model.cache", {"accessMode": "ReadOnlyMany"}), "accessMode"),
+    ("cache-bad-claim-name", _with(VLLM_MIN, "model.cache", {"claimName": "Bad_Name"}), "claimName"),
+    (
+        "hf-adapter-without-cache",
+        _with(VLLM_MIN, "adapters", [{"name": "a", "source": "hf://org/a"}]),
+        "adapters from Hugging Face are fetched through the weight cache",
+    ),
+    (
+        "adapter-bare-repo-source",
+        _with(_with(VLLM_MIN, "model.cache", {}), "adapters", [{"name": "a", "source": "org/a"}]),
+        "source",
+    ),
+    (
+        "gguf-adapter-on-vllm",
+        _with(VLLM_MIN, "adapters", [{"name": "a", "source": "pvc://loras/a.gguf"}]),
+        "vLLM loads PEFT adapter directories",
+    ),
+    (
+        "dir-adapter-on-llama",
+        _with(LLAMA_MIN, "adapters", [{"name": "a", "source": "pvc://loras/a"}]),
+        "llama-server loads GGUF LoRA adapters",
+    ),
+    (
+        "adapter-scale-on-vllm",
+        _with(VLLM_MIN, "adapters", [{"name": "a", "source": "pvc://loras/a", "scale": 0.5}]),
+        "adapters[].scale is a llama-server setting",
+    ),
+    (
+        "lora-on-llama",
+        _with(
+            _with(LLAMA_MIN, "adapters", [{"name": "a", "source": "pvc://l/a.gguf"}]), "lora", {"maxLoras": 2}
+        ),
+        "lora (maxLoras, maxRank, maxCpuLoras) holds vLLM settings",
+    ),
+    ("lora-without-adapters", _with(VLLM_MIN, "lora", {"maxLoras": 2}), "lora settings without adapters"),
+    (
+        "lora-cpu-below-gpu",
+        _with(
+            _with(VLLM_MIN, "adapters", [{"name": "a", "source": "pvc://l/a"}]),
+            "lora",
+            {"maxLoras": 4, "maxCpuLoras": 2},
+        ),
+        "lora.maxCpuLoras must be at least lora.maxLoras",
+    ),
+    (
+        "lora-rank-not-a-choice",
+        _with(_with(VLLM_MIN, "adapters", [{"name": "a", "source": "pvc://l/a"}]), "lora", {"maxRank": 48}),
+        "maxRank",
+    ),
+    (
+        "adapter-named-like-model",
+        _with(_with(VLLM_MIN, "model.servedName", "m"), "adapters", [{"name": "m", "source": "pvc://l/a"}]),
+        "an adapter's name must differ from model.servedName",
+    ),
+    (
+        "adapter-named-like-alias",
+        _with(_with(VLLM_MIN, "model.aliases", ["x"]), "adapters", [{"name": "x", "source": "pvc://l/a"}]),
+        "an adapter's name must differ",
+    ),
+    (
+        "adapters-on-remote",
+        {
+            "remote": {"baseURL": "https://api.example.com/v1", "model": "x"},
+            "model": {"servedName": "x"},
+            "adapters": [{"name": "a", "source": "pvc://l/a"}],
+        },
+        "adapters are not allowed with remote",
     ),
     (
         "tp-exceeds-gpus",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +13,18 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from kubeinfer import kube
 from kubeinfer.crdgen import crd
+from kubeinfer_devkit.devcluster import procs
+from kubeinfer_devkit.devcluster.controlplane import ControlPlane
 from kubeinfer_devkit.devcluster.local import OperatorProcess  # noqa: F401  (re-exported for tests)
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class LocalNode:
+    cp: ControlPlane
+    agent: procs.Child
+    volumes: Path
 
 
 async def install_crd(api: client.ApiClient, timeout: float = 60) -> dict[str, Any]:

@@ -18,6 +18,7 @@ PRODUCT_GROUPS = (
     "kubeinfer.render.cli",
     "kubeinfer.operator.cli",
     "kubeinfer.gateway.cli",
+    "kubeinfer.weights.cli",
 )
 ENTRY_POINT_GROUP = "kubeinfer.cli"
 

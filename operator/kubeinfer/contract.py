@@ -32,6 +32,9 @@ ANNOTATION_ALIASES: Final = f"{GROUP}/aliases"  # JSON list of strings
 ANNOTATION_MODALITIES: Final = f"{GROUP}/modalities"  # JSON list, e.g. ["text","image"]
 ANNOTATION_PORT: Final = f"{GROUP}/port"
 ANNOTATION_METRICS_PATH: Final = f"{GROUP}/metrics-path"
+# llama-server pods: JSON list of {"name", "id", "scale"}, the LoRA adapters loaded at start, where
+# id is the engine's adapter index (a request's `lora: [{"id", "scale"}]`).
+ANNOTATION_ADAPTERS: Final = f"{GROUP}/adapters"
 
 # API keys of the gateway are Secrets with this label (value "true"). The key itself is the Secret's
 # data item API_KEY_DATA (or its SHA-256 in API_KEY_SHA256_DATA); the policy is in annotations, so
@@ -83,7 +86,18 @@ def llama_http_threads(target_inflight: int) -> int:
 # Where model files live inside the engine container.
 MODELS_ROOT: Final = "/models"
 PVC_MOUNT_ROOT: Final = f"{MODELS_ROOT}/pvc"
-CACHE_MOUNT: Final = f"{MODELS_ROOT}/cache"
+CACHE_MOUNT: Final = f"{MODELS_ROOT}/cache"  # per-pod emptyDir: what an engine downloads itself
+# The shared weight cache claim (model.cache): read-only in engines, read-write in download Jobs.
+WEIGHTS_MOUNT: Final = f"{MODELS_ROOT}/weights"
+# The fetcher links these names to the GGUF file and projector it chose, so the engine's command line
+# is known before the download (render/weights.py).
+WEIGHTS_GGUF_LINK: Final = "model.gguf"
+WEIGHTS_MMPROJ_LINK: Final = "mmproj.gguf"
+COMPONENT_WEIGHTS: Final = "weights"
+LABEL_CACHE_CLAIM: Final = f"{GROUP}/cache-claim"
+LABEL_CACHE_KEY_HASH: Final = f"{GROUP}/cache-entry"
+ANNOTATION_CACHE_KEY: Final = f"{GROUP}/cache-key"  # the entry's directory in the claim
+ANNOTATION_CACHE_SOURCE: Final = f"{GROUP}/cache-source"
 
 ENGINE_CONTAINER: Final = "engine"
 

@@ -108,6 +108,8 @@ def _printer_columns() -> list[dict[str, Any]]:
         {"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas"},
         {"name": "Fits", "type": "boolean", "jsonPath": ".status.estimate.fits"},
         {"name": "Status", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].reason'},
+        # Empty unless model.cache is set: the download's progress, then Ready.
+        {"name": "Weights", "type": "string", "jsonPath": ".status.weights.summary"},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ]
 

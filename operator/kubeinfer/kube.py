@@ -205,6 +205,94 @@ async def list_model_pods(api: client.ApiClient, namespace: str, model: str) -> 
     return list((await _json(pods)).get("items", []))
 
 
+# --- the weight cache: its claim, download Jobs and their logs ---------------------------------------
+
+
+async def create_claim_if_missing(api: client.ApiClient, claim: dict[str, Any]) -> bool:
+    """Create the cache's PersistentVolumeClaim unless it exists (never changed or deleted after:
+    its size and class are the storage admin's once it is bound). True if created."""
+    core = client.CoreV1Api(api)
+    name, ns = claim["metadata"]["name"], claim["metadata"]["namespace"]
+    try:
+        await _json(await core.read_namespaced_persistent_volume_claim(name, ns, **RAW))
+        return False
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+    try:
+        body: Any = claim
+        await _json(await core.create_namespaced_persistent_volume_claim(ns, body, **RAW))
+        return True
+    except ApiException as exc:
+        if exc.status == 409:  # another model's pass created it first
+            return False
+        raise
+
+
+async def get_job(api: client.ApiClient, namespace: str, name: str) -> dict[str, Any] | None:
+    try:
+        return await _json(await client.BatchV1Api(api).read_namespaced_job(name, namespace, **RAW))
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+async def create_job(api: client.ApiClient, job: dict[str, Any]) -> dict[str, Any]:
+    """Create a Job; if another pass created it first, the existing one."""
+    ns, name = job["metadata"]["namespace"], job["metadata"]["name"]
+    try:
+        body: Any = job
+        return await _json(await client.BatchV1Api(api).create_namespaced_job(ns, body, **RAW))
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+    existing = await get_job(api, ns, name)
+    if existing is None:
+        raise RuntimeError(f"Job {ns}/{name} conflicted on create and is gone")
+    return existing
+
+
+async def delete_job(api: client.ApiClient, namespace: str, name: str) -> None:
+    """Delete a Job and its pods (a failed download, to run again after the user fixed the cause)."""
+    try:
+        await client.BatchV1Api(api).delete_namespaced_job(name, namespace, propagation_policy="Foreground")
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+
+
+async def job_log_tail(
+    api: client.ApiClient, namespace: str, job: str, container: str, lines: int = 50
+) -> tuple[list[str], str | None]:
+    """The last log lines of a Job's newest pod, and a terminated container's message.
+
+    The log may be gone (pod deleted, node down); the termination message is the fallback."""
+    core = client.CoreV1Api(api)
+    listed = await _json(await core.list_namespaced_pod(namespace, label_selector=f"job-name={job}", **RAW))
+    pods = sorted(
+        listed.get("items", []), key=lambda p: str((p.get("metadata") or {}).get("creationTimestamp") or "")
+    )
+    if not pods:
+        return [], None
+    pod = pods[-1]
+    message = None
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        terminated = (cs.get("state") or {}).get("terminated") or {}
+        if cs.get("name") == container and terminated.get("message"):
+            message = str(terminated["message"])
+    try:
+        resp: Any = await core.read_namespaced_pod_log(
+            pod["metadata"]["name"], namespace, container=container, tail_lines=lines, **RAW
+        )
+        async with resp:
+            raw = await resp.read()
+        text = raw.decode(errors="replace") if 200 <= resp.status <= 299 else ""
+    except (ApiException, OSError):
+        text = ""
+    return text.splitlines(), message
+
+
 async def secret_exists(api: client.ApiClient, namespace: str, name: str, key: str | None = None) -> bool:
     try:
         secret = await client.CoreV1Api(api).read_namespaced_secret(name, namespace)

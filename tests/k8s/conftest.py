@@ -10,15 +10,22 @@ the fixture errors: this tier never silently skips.
 from __future__ import annotations
 
 import asyncio
+import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kubernetes_asyncio import client, config
 
-from kubeinfer_devkit.devcluster.build import BuildError, ensure_binaries
+from kubeinfer import kube
+from kubeinfer_devkit.devcluster import procs, provisioner
+from kubeinfer_devkit.devcluster.build import CONTROL_PLANE_COMPONENTS, BuildError, ensure_binaries
 from kubeinfer_devkit.devcluster.controlplane import ControlPlane
+from kubeinfer_devkit.devcluster.podplan import NODE_NAME
+from kubeinfer_devkit.devcluster.supervisor import DISABLED_CONTROLLERS
+from tests.k8s_support import LocalNode
 
 _HERE = Path(__file__).resolve().parent
 
@@ -89,6 +96,82 @@ async def namespace(k8s_api: client.ApiClient) -> AsyncIterator[str]:
     core = client.CoreV1Api(k8s_api)
     name = f"t-{uuid.uuid4().hex[:10]}"
     await core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+
+    async def has_default_sa() -> bool:
+        sas = await core.list_namespaced_service_account(name)
+        return any(sa.metadata.name == "default" for sa in sas.items)
+
+    await _wait_for(has_default_sa, what=f"ServiceAccount {name}/default")
+    try:
+        yield name
+    finally:
+        await core.delete_namespace(name)
+
+
+# --- the local stack's node: a control plane without kwok, the node agent and its provisioner ----------
+# (tests/k8s/test_local_node.py, test_weight_cache.py): pods really run, as in `kubeinfer up`.
+
+
+def _node_ready(cp: ControlPlane) -> bool:
+    node = cp.get(f"/api/v1/nodes/{NODE_NAME}") or {}
+    ready = any(
+        c.get("type") == "Ready" and c.get("status") == "True"
+        for c in (node.get("status") or {}).get("conditions") or []
+    )
+    taints = (node.get("spec") or {}).get("taints") or []
+    return ready and not any(t.get("key", "").startswith("node.kubernetes.io/") for t in taints)
+
+
+async def _install(cp: ControlPlane) -> None:
+    async with kube.api_client(await kube.load_client_config(str(cp.kubeconfig))) as api:
+        await provisioner.install(api)
+
+
+@pytest.fixture(scope="module")
+def local_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNode]:
+    try:
+        binaries = ensure_binaries([c for c in CONTROL_PLANE_COMPONENTS if c != "kwok"] + ["kubectl"])
+    except (BuildError, OSError) as exc:
+        pytest.fail(f"cannot build the control-plane binaries: {exc}", pytrace=False)
+    root = tmp_path_factory.mktemp("localnode")
+    cp = ControlPlane(
+        root / "controlplane", binaries=binaries, with_kwok=False, node_users=[NODE_NAME],
+        users=[provisioner.USER], disabled_controllers=DISABLED_CONTROLLERS,
+    )  # fmt: skip
+    cp.start()
+    node: LocalNode | None = None
+    try:
+        asyncio.run(_install(cp))
+        argv = [
+            sys.executable, "-m", "kubeinfer_devkit.devcluster.nodeagent",
+            "--kubeconfig", str(cp.node_kubeconfig(NODE_NAME)), "--state-dir", str(root / "node"),
+            "--provisioner-kubeconfig", str(cp.user_kubeconfig(provisioner.USER)),
+            "--volumes-dir", str(root / "volumes"),
+        ]  # fmt: skip
+        node = LocalNode(
+            cp, procs.Child("node-agent", argv, root / "node-agent.log", watchdog=True), root / "volumes"
+        )
+        node.agent.start()
+        procs.wait_until(f"node {NODE_NAME} Ready", lambda: _node_ready(cp), 120, child=node.agent)
+        yield node
+    finally:
+        if node is not None:
+            node.agent.stop(grace=30)  # the agent of the moment: a test may have restarted it
+        cp.stop()
+
+
+@pytest.fixture
+async def node_api(local_node: LocalNode) -> AsyncIterator[client.ApiClient]:
+    async with kube.api_client(await kube.load_client_config(str(local_node.cp.kubeconfig))) as api:
+        yield api
+
+
+@pytest.fixture
+async def node_ns(node_api: client.ApiClient) -> AsyncIterator[str]:
+    core = client.CoreV1Api(node_api)
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    body: Any = {"metadata": {"name": name}}
+    await core.create_namespace(body)
 
     async def has_default_sa() -> bool:
         sas = await core.list_namespaced_service_account(name)

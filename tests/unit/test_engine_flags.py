@@ -111,7 +111,9 @@ def test_vllm_flags_exist_with_valid_choices():
                 continue
             assert value is not None, f"{flag} needs a value"
             if opt["choices"]:
-                assert value in opt["choices"], f"{flag} {value} not in {opt['choices']}"
+                # argparse converts with `type` before checking choices (ints for --max-lora-rank).
+                typed = int(value) if opt["type"] == "int" else value
+                assert typed in opt["choices"], f"{flag} {value} not in {opt['choices']}"
             if opt["type"] == "int":
                 int(value)
             if opt["type"] == "float":

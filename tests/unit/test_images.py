@@ -121,7 +121,9 @@ def test_kubeinfer_image_installs_the_project_and_runs_kubeinfer() -> None:
     names = {s.name for s in stages}
     assert all(s.base.startswith("python:3.11-slim") for s in stages if s.base not in names)
     runs = " ".join(a for s in stages for a in s.args_of("RUN"))
-    assert re.search(r"pip install \.(\s|$)", runs), "the image must pip install the project"
+    assert re.search(r'pip install "?\.(\[weights\])?"?(\s|$)', runs), "the image must install the project"
+    # The weight cache's Jobs run `kubeinfer weights fetch` in this image: it needs the Hub client.
+    assert '".[weights]"' in runs
     final = stages[-1]
     assert not final.args_of("ENTRYPOINT"), "no ENTRYPOINT: Kubernetes' command must replace CMD"
     assert final.args_of("CMD") == ['["kubeinfer"]']
@@ -205,7 +207,11 @@ def test_llama_server_is_on_path_in_the_final_image() -> None:
 def test_default_image_names_agree_with_the_chart_and_the_folders() -> None:
     defaults = yaml.safe_load(resources.files("kubeinfer").joinpath("config/defaults.yaml").read_text())
     values = yaml.safe_load((CHART / "values.yaml").read_text())
-    assert values["engines"]["images"] == defaults["images"]
+    engines = {k: v for k, v in defaults["images"].items() if k != "kubeinfer"}
+    assert values["engines"]["images"] == engines
+    # The chart writes its own image into the operator's config (the weight cache's download Jobs).
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert defaults["images"]["kubeinfer"] == f"{values['image']['repository']}:{chart['appVersion']}"
     assert defaults["imageRegistry"] == "" and values["image"]["registry"] == ""
 
     deployed = [*defaults["images"].values(), values["image"]["repository"] + ":tag"]

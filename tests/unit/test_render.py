@@ -12,6 +12,7 @@ from kubeinfer import contract
 from kubeinfer.estimate import estimate
 from kubeinfer.render.config import load_config
 from kubeinfer.render.manifests import merge_overlay, render, spec_hash
+from kubeinfer.render.weights import cache_objects
 from kubeinfer.validation import parse_model
 from tests.cases import EXAMPLES, FULL_LLAMA, FULL_VLLM, ROOT, load_example, manifest
 
@@ -30,7 +31,8 @@ def _golden_text(doc) -> str:
     model = parse_model(_with_uid(doc))
     est = estimate(model.spec)
     head = f"# estimate: {est.message}\n"
-    return head + yaml.safe_dump_all(render(model, CONFIG), sort_keys=False, width=120)
+    objects = cache_objects(model, CONFIG) + render(model, CONFIG)
+    return head + yaml.safe_dump_all(objects, sort_keys=False, width=120)
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)

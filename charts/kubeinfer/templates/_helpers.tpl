@@ -86,10 +86,13 @@ An empty image.registry gives "kubeinfer/kubeinfer:<tag>" with no host, i.e. the
 
 {{/*
 The operator's configuration file (the format of operator/kubeinfer/config/defaults.yaml, read by
-kubeinfer.render.config.load_config): operator.config plus the engine images from engines.images.
+kubeinfer.render.config.load_config): operator.config plus the engine images from engines.images, and the kubeinfer image itself
+(the weight cache's download Jobs run it).
 */}}
 {{- define "kubeinfer.operator.configFile" -}}
 {{- $config := deepCopy .Values.operator.config -}}
-{{- $_ := set $config "images" (deepCopy .Values.engines.images) -}}
+{{- $images := deepCopy .Values.engines.images -}}
+{{- $_ := set $images "kubeinfer" (include "kubeinfer.image" .) -}}
+{{- $_ := set $config "images" $images -}}
 {{- toYaml $config }}
 {{- end }}

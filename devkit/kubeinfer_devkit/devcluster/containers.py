@@ -52,18 +52,28 @@ class ContainerRunner:
         self.restart_count = 0
         self.state: dict[str, Any] = {"waiting": {"reason": "ContainerCreating"}}
         self.last_state: dict[str, Any] = {}
-        if previous and previous.get("containerID"):
-            # A container of an earlier agent: its process is gone (it died with that agent).
-            self.restart_count = int(previous.get("restartCount") or 0) + 1
-            self.last_state = {
-                "terminated": {
-                    "exitCode": 137, "reason": "ContainerStatusUnknown", "finishedAt": now(),
-                    "message": "the node agent restarted; the container's process was not running any more",
-                }
-            }  # fmt: skip
         self.ready = self.started = False
         self.finished = False  # exited for good (restartPolicy Never/OnFailure)
         self.container_id = ""
+        if previous and previous.get("containerID"):
+            # A container of an earlier agent: its process is gone (it died with that agent).
+            lost = {
+                "exitCode": 137, "reason": "ContainerStatusUnknown", "finishedAt": now(),
+                "message": "the node agent restarted; the container's process was not running any more",
+            }  # fmt: skip
+            ended = (previous.get("state") or {}).get("terminated")
+            policy = worker.pod["spec"].get("restartPolicy", "Always")
+            if policy == "Never" or (policy == "OnFailure" and ended and ended.get("exitCode") == 0):
+                # Not to be run again (a Job's pod): it ended, or ends now as lost, as a kubelet says of
+                # a container that vanished; the pod turns Succeeded or Failed and the Job controller
+                # decides what next.
+                self.restart_count = int(previous.get("restartCount") or 0)
+                self.state = {"terminated": ended or lost}
+                self.container_id = previous["containerID"]
+                self.finished = True
+            else:
+                self.restart_count = int(previous.get("restartCount") or 0) + 1
+                self.last_state = {"terminated": lost}
         self.proc: asyncio.subprocess.Process | None = None
         self.stopping = asyncio.Event()
         self.backoff = 0.0
@@ -98,7 +108,7 @@ class ContainerRunner:
     async def run(self) -> None:
         retry = BACKOFF_FIRST
         setup_retry = SETUP_RETRY_FIRST
-        while not self.stopping.is_set():
+        while not self.stopping.is_set() and not self.finished:
             try:
                 launch = await self.worker.prepare(self.spec)
             except Unrunnable as exc:

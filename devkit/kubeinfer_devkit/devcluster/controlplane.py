@@ -21,7 +21,10 @@ up``/``down``); by default every start is a fresh cluster.
 Authentication is a static token file: ``token`` (the admin, group system:masters, written into
 ``kubeconfig``), plus one token each for the controller-manager and the scheduler so that they run
 as the users the bootstrap RBAC policy expects, and one per name in ``node_users`` for
-``system:node:<name>``, what a kubelet authenticates as (:meth:`ControlPlane.node_kubeconfig`).
+``system:node:<name>``, what a kubelet authenticates as (:meth:`ControlPlane.node_kubeconfig`), and
+one per name in ``users`` (no groups: what RBAC bindings grant them is all they may do;
+:meth:`ControlPlane.user_kubeconfig`), for components that act as themselves (the local stack's
+volume provisioner).
 TLS uses a CA generated here; the kubeconfig holds that CA, so clients verify the server normally.
 The CA is also the apiserver's client CA.
 
@@ -132,6 +135,7 @@ class ControlPlane:
         keep_state: bool = False,
         reuse_state: bool = False,
         node_users: Sequence[str] = (),
+        users: Sequence[str] = (),
         disabled_controllers: Sequence[str] = (),
         startup_timeout: float = 120.0,
         log: Callable[[str], None] | None = None,
@@ -150,6 +154,7 @@ class ControlPlane:
         self._keep_state = keep_state
         self.reuse_state = reuse_state
         self.node_users = tuple(node_users)
+        self.users = tuple(users)
         self.disabled_controllers = tuple(disabled_controllers)
         self.state_dir = (
             Path(state_dir)
@@ -265,6 +270,10 @@ class ControlPlane:
         Node authorizer and the NodeRestriction admission plugin hold it to what a kubelet may do."""
         return self.state_dir / f"node-{node}.kubeconfig"
 
+    def user_kubeconfig(self, user: str) -> Path:
+        """Kubeconfig of a name in `users` (a static token, no groups)."""
+        return self.state_dir / f"user-{user.replace(':', '-')}.kubeconfig"
+
     def get(self, path: str) -> Any:
         """GET an API path as the admin (JSON); None on 404."""
         return self._get(path)
@@ -307,6 +316,7 @@ class ControlPlane:
             "system:kube-controller-manager": "",
             "system:kube-scheduler": "",
             **{f"system:node:{n}": '"system:nodes"' for n in self.node_users},
+            **{u: "" for u in self.users},
         }
         tokens = pki.write_tokens(self.pki_dir, users, reuse)
         self.token = tokens["admin"]
@@ -323,6 +333,8 @@ class ControlPlane:
             self._write_kubeconfig(
                 self.node_kubeconfig(node), f"system:node:{node}", tokens[f"system:node:{node}"]
             )
+        for user in self.users:
+            self._write_kubeconfig(self.user_kubeconfig(user), user, tokens[user])
 
     def _write_kubeconfig(self, path: Path, user: str, token: str) -> None:
         pki.write_kubeconfig(path, self.server, self.ca_file, user, token)

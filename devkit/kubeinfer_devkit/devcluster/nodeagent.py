@@ -10,7 +10,8 @@ What it does, as a kubelet would:
   ``kube-node-lease`` and posts node status, authenticated as ``system:node:<name>`` so the Node
   authorizer and NodeRestriction admission hold it to a kubelet's permissions;
 - runs each container of a pod bound to the node as a local process: the engine images map to the
-  cached llama-server binary and to vLLM in this Python (``podplan.Runtime``); volume mount paths in
+  cached llama-server binary and to vLLM in this Python, the kubeinfer image to ``python -m
+  kubeinfer.cli`` (``podplan.Runtime``); volume mount paths in
   args and env map to local directories (a claim's hostPath PersistentVolume, temp dirs for
   emptyDir); each pod gets its own loopback address (127.0.0.10, .11, ...) as its pod IP, and
   ``--host 0.0.0.0`` becomes that address;
@@ -21,6 +22,12 @@ What it does, as a kubelet would:
   SIGKILLs, then deletes the pod with grace period 0;
 - reports what cannot run here (an unknown image, a GPU-only vLLM quantization, a missing volume)
   as a waiting reason with a message and a Warning Event, and retries with back-off;
+- runs Jobs' pods to the end (restartPolicy Never/OnFailure): the pod's phase becomes Succeeded or
+  Failed with each container's ``state.terminated.exitCode``, what the Job controller and a
+  podFailurePolicy act on;
+- with ``--provisioner-kubeconfig``, also runs the stack's volume provisioner
+  (:mod:`~kubeinfer_devkit.devcluster.provisioner`, under its own credentials): claims of the
+  default StorageClass get a hostPath volume under ``--volumes-dir``;
 - writes each container's output to ``<state>/pods/<ns>_<pod>_<uid>/<container>/<restart>.log``
   and serves it to ``kubectl logs`` (the apiserver's kubelet port, TLS, 127.0.0.1 only).
 
@@ -33,17 +40,20 @@ Modules: :mod:`~kubeinfer_devkit.devcluster.podplan` (pure: a pod spec to local 
 :mod:`~kubeinfer_devkit.devcluster.containers` (a container's process, probes, restarts),
 :mod:`~kubeinfer_devkit.devcluster.pods` (a pod: admission, pod IP, status, deletion),
 :mod:`~kubeinfer_devkit.devcluster.node` (Node, Lease, pod watch, status writes, Events),
-:mod:`~kubeinfer_devkit.devcluster.logserver` (``kubectl logs``); this one puts them together.
+:mod:`~kubeinfer_devkit.devcluster.logserver` (``kubectl logs``),
+:mod:`~kubeinfer_devkit.devcluster.provisioner` (claims to hostPath volumes); this one puts them together.
 
 CLI::
 
-    python -m kubeinfer_devkit.devcluster.nodeagent --kubeconfig NODE_KUBECONFIG --state-dir DIR
+    python -m kubeinfer_devkit.devcluster.nodeagent --kubeconfig NODE_KUBECONFIG --state-dir DIR \
+        [--provisioner-kubeconfig KUBECONFIG --volumes-dir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -84,15 +94,23 @@ async def run_agent(args: argparse.Namespace) -> None:
             _log.warning("kubectl logs will not work: %s", exc)
         await agent.register()
         tasks = [asyncio.create_task(agent.heartbeat()), asyncio.create_task(agent.watch_pods())]
-        _log.info("node %s ready (kubelet port %s)", args.name, agent.kubelet_port)
-        try:
-            await stop.wait()
-        finally:
-            _log.info("stopping: killing the pods' processes")
-            for t in tasks:
-                t.cancel()
-            await agent.shutdown()
-            await logs.stop()
+        async with contextlib.AsyncExitStack() as extra:
+            if args.provisioner_kubeconfig:  # its own client: it acts as its own user, not as the node
+                from kubeinfer_devkit.devcluster.provisioner import LocalPathProvisioner
+
+                pcfg = await kube.load_client_config(args.provisioner_kubeconfig)
+                papi = await extra.enter_async_context(kube.api_client(pcfg))
+                provisioner = LocalPathProvisioner(papi, Path(args.volumes_dir), node=args.name)
+                tasks.append(asyncio.create_task(provisioner.run()))
+            _log.info("node %s ready (kubelet port %s)", args.name, agent.kubelet_port)
+            try:
+                await stop.wait()
+            finally:
+                _log.info("stopping: killing the pods' processes")
+                for t in tasks:
+                    t.cancel()
+                await agent.shutdown()
+                await logs.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,7 +124,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--llama-server", help="llama-server binary (default: the cached build)")
     parser.add_argument("--python", default=sys.executable, help="interpreter that runs vLLM")
     parser.add_argument("--config", help="operator configuration file (which images are the engines)")
+    parser.add_argument(
+        "--provisioner-kubeconfig",
+        help="credentials of the volume provisioner (devcluster/provisioner.py); unset: none runs",
+    )
+    parser.add_argument("--volumes-dir", help="where the provisioner makes the claims' directories")
     args = parser.parse_args(argv)
+    if args.provisioner_kubeconfig and not args.volumes_dir:
+        parser.error("--provisioner-kubeconfig needs --volumes-dir")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per probe is noise
     asyncio.run(run_agent(args))

@@ -1,5 +1,9 @@
 """What the node agent runs for a pod: a Pod object in, local command lines, env and mounts out.
 
+The images it runs are the engines (vLLM, llama-server) and kubeinfer's own image, whose ``kubeinfer``
+command (the weight cache's download Jobs: ``kubeinfer weights fetch``) runs as ``python -m
+kubeinfer.cli`` in the agent's own interpreter, which has the product installed by construction.
+
 Pure: no apiserver, no processes, no files written. The only looks at this machine are
 :class:`Runtime`'s two questions (is llama-server built, is vLLM installed), so the whole mapping is
 unit-testable with a Pod dict and a :class:`~kubeinfer.render.config.RenderConfig`. What needs the
@@ -11,6 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
+import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterable, Mapping
@@ -27,8 +34,20 @@ GPU_RESOURCE = "nvidia.com/gpu"
 VLLM_GPU_ONLY_QUANTIZATION = frozenset(
     {"awq_marlin", "gptq_marlin", "fbgemm_fp8", "modelopt_fp4", "nvfp4_per_token", "mxfp4", "gpt_oss_mxfp4"}
 )
-# Well-known upstream images, besides the configured ones: repository -> engine.
-_UPSTREAM_IMAGES = {"vllm/vllm-openai": "vllm", "ggml-org/llama.cpp": "llama-server"}
+# The kubeinfer image's repository when the configuration names none (RenderConfig.images.kubeinfer).
+KUBEINFER_IMAGE = "kubeinfer/kubeinfer"
+# Well-known images, besides the configured ones: repository -> what runs.
+_UPSTREAM_IMAGES = {
+    "vllm/vllm-openai": "vllm",
+    "ggml-org/llama.cpp": "llama-server",
+    KUBEINFER_IMAGE: "kubeinfer",
+}
+# The kubeinfer image's ENV (images/kubeinfer/Dockerfile) that changes how it runs: unbuffered output,
+# so the log (and the progress lines the operator reads from it) is written as it happens.
+_KUBEINFER_IMAGE_ENV = {"PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+_PYTHON = re.compile(r"python(3(\.\d+)?)?")
+# Put first on vLLM's PYTHONPATH: its sitecustomize maps the paths vLLM gets at run time (LoRA).
+MOUNT_SHIM = Path(__file__).resolve().parent / "mountshim"
 # Environment of the agent that must not reach an engine: the agent's own credentials, and the
 # vLLM CPU variable that silently overrides the rendered --kv-cache-memory-bytes.
 _ENV_DROP = ("KUBECONFIG", "VLLM_CPU_KVCACHE_SPACE")
@@ -60,8 +79,9 @@ def image_repository(image: str) -> str:
 def path_mapper(mounts: Iterable[tuple[str, str]]) -> Callable[[str], str]:
     """A function that rewrites in-container paths under any mount path to the local directory.
 
-    Handles a whole argument (`/models/x`), `--flag=/models/x`, and quoted paths inside JSON
-    arguments (`{"model": "/models/x"}`). The longest mount path wins.
+    Handles a whole argument (`/models/x`), `--flag=/models/x`, comma-separated lists of paths
+    (`/models/a:0,/models/b:0`), and quoted paths inside JSON arguments (`{"model": "/models/x"}`).
+    The longest mount path wins.
     """
     table = sorted(((m.rstrip("/") or "/", local) for m, local in mounts), key=lambda t: -len(t[0]))
 
@@ -73,13 +93,17 @@ def path_mapper(mounts: Iterable[tuple[str, str]]) -> Callable[[str], str]:
                 return local + path[len(mount) :]
         return None
 
+    def many(text: str) -> str:
+        # A comma-separated list of paths (llama-server's `--lora-scaled A:0,B:0`): each one.
+        return ",".join((one(p) or p) if p.startswith("/") else p for p in text.split(","))
+
     def mapped(value: str) -> str:
         if value.startswith("/"):
-            return one(value) or value
+            return many(value)
         if value.startswith("-") and "=" in value:
             flag, _, rest = value.partition("=")
             if rest.startswith("/"):
-                return f"{flag}={one(rest) or rest}"
+                return f"{flag}={many(rest)}"
             return value
         if value.startswith(("{", "[")):
             for mount, local in table:
@@ -126,6 +150,12 @@ def expand(value: str, env: dict[str, str]) -> str:
             out.append(value[i])
             i += 1
     return "".join(out)
+
+
+def kubeinfer_image(config: RenderConfig) -> str:
+    """The kubeinfer image the operator renders into its Jobs (`images.kubeinfer`, or the default)."""
+    name = getattr(config.images, "kubeinfer", None) or KUBEINFER_IMAGE
+    return f"{config.image_registry.rstrip('/')}/{name}" if config.image_registry else str(name)
 
 
 def base_env(environ: Mapping[str, str]) -> dict[str, str]:
@@ -198,13 +228,25 @@ def container_env(
 
 
 class Runtime:
-    """Which local program a container image stands for, and its command line here."""
+    """Which local program a container image stands for, and its command line here.
 
-    def __init__(self, config: RenderConfig, llama_server: Path | None, python: str = sys.executable) -> None:
+    `python` runs vLLM; `kubeinfer_python` runs the kubeinfer image's commands (default: this
+    interpreter, the node agent's, which imports kubeinfer itself).
+    """
+
+    def __init__(
+        self,
+        config: RenderConfig,
+        llama_server: Path | None,
+        python: str = sys.executable,
+        kubeinfer_python: str = sys.executable,
+    ) -> None:
         self.config, self.llama_server, self.python = config, llama_server, python
+        self.kubeinfer_python = kubeinfer_python
         self.images = {
             image_repository(config.image_for("llama-server")): "llama-server",
             image_repository(config.image_for("vllm")): "vllm",
+            image_repository(kubeinfer_image(config)): "kubeinfer",
             **_UPSTREAM_IMAGES,
         }
         self._vllm: bool | None = None
@@ -235,9 +277,11 @@ class Runtime:
             raise Unrunnable(
                 "CreateContainerError",
                 f"image {image!r} cannot run on {NODE_NAME}: the node agent has no container runtime and "
-                f"runs only the engine images as local programs ({known})",
+                f"runs only the engine images and kubeinfer's as local programs ({known})",
             )
         mapped = path_mapper(mounts)
+        if engine == "kubeinfer":
+            return self._kubeinfer(container, image, mapped, env)
         command = [mapped(a) for a in container.get("command") or []]
         args = [mapped(a) for a in container.get("args") or []]
         # Listen on the pod's own address, not on every interface of the machine.
@@ -280,8 +324,39 @@ class Runtime:
             # vllm-cpu's `vllm` console script cannot find its own distribution: run the server module.
             argv = [self.python, "-m", "vllm.entrypoints.openai.api_server", *rest]
             env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")  # never download: models are local
+            # LoRA adapters arrive at run time with in-container paths (/v1/load_lora_adapter): the
+            # shim's sitecustomize maps them with the pod's mounts (see mountshim/sitecustomize.py).
+            shim = os.pathsep.join(p for p in (str(MOUNT_SHIM), env.get("PYTHONPATH", "")) if p)
+            env.update(PYTHONPATH=shim, KUBEINFER_NODE_MOUNTS=json.dumps([list(m) for m in mounts]))
             note = f"{image} runs as vLLM from {self.python}"
         cwd = mapped(container["workingDir"]) if container.get("workingDir") else ""
+        return Launch(argv=argv, env=env, cwd=cwd, note=note)
+
+    def _kubeinfer(
+        self, container: dict[str, Any], image: str, mapped: Callable[[str], str], env: dict[str, str]
+    ) -> Launch:
+        """The kubeinfer image: `kubeinfer ...` as `python -m kubeinfer.cli ...`, `python ...` as is.
+
+        No `--host`, no port: these are commands that run to their end (Jobs), not servers.
+        """
+        command = [mapped(a) for a in container.get("command") or []]
+        args = [mapped(a) for a in container.get("args") or []]
+        # The image has no ENTRYPOINT and CMD ["kubeinfer"]: `command` replaces CMD (and is followed by
+        # `args`); `args` alone replace it, as in any container runtime.
+        line = command + args if command else args or ["kubeinfer"]
+        program = Path(line[0]).name
+        if program == "kubeinfer":
+            argv = [self.kubeinfer_python, "-m", "kubeinfer.cli", *line[1:]]
+        elif _PYTHON.fullmatch(program):
+            argv = [self.kubeinfer_python, *line[1:]]
+        else:
+            raise Unrunnable(
+                "CreateContainerError",
+                f"command {line[0]!r}: the kubeinfer image runs `kubeinfer` or `python` on {NODE_NAME}",
+            )
+        env = {**_KUBEINFER_IMAGE_ENV, **env}  # the image's ENV under the container's own
+        cwd = mapped(container["workingDir"]) if container.get("workingDir") else ""
+        note = f"{image} runs as `python -m kubeinfer.cli` from {self.kubeinfer_python}"
         return Launch(argv=argv, env=env, cwd=cwd, note=note)
 
 

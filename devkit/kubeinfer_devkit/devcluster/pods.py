@@ -215,6 +215,8 @@ class PodWorker:
         else:
             phase = "Running" if ever_started else "Pending"
         why = f"containers with unready status: [{' '.join(unready)}]"
+        # A pod that ran to its end (a Job's) is not ready because it completed, as a kubelet says.
+        not_ready = ("PodCompleted", "") if phase in ("Succeeded", "Failed") else ("ContainersNotReady", why)
         status: dict[str, Any] = {
             "phase": phase,
             "hostIP": "127.0.0.1",
@@ -223,8 +225,8 @@ class PodWorker:
             "conditions": [
                 self._condition("PodReadyToStartContainers", bool(self.ip)),
                 self._condition("Initialized", True),
-                self._condition("ContainersReady", ready, "ContainersNotReady", why),
-                self._condition("Ready", ready, "ContainersNotReady", why),
+                self._condition("ContainersReady", ready, *not_ready),
+                self._condition("Ready", ready, *not_ready),
             ],
             "containerStatuses": statuses,
         }

@@ -70,8 +70,18 @@ SPEC_RULES: tuple[tuple[str, str], ...] = (
         "cache from maxModelLen x maxNumSeqs",
     ),
     (
-        "self.engine == 'vllm' || !(has(self.model.revision) || has(self.model.trustRemoteCode))",
-        "model.revision and model.trustRemoteCode are vLLM settings",
+        "self.engine == 'vllm' || !has(self.model.trustRemoteCode)",
+        "model.trustRemoteCode is a vLLM setting",
+    ),
+    (
+        "self.engine == 'vllm' || !has(self.model.revision) || has(self.model.cache)",
+        "model.revision on llama-server needs model.cache (the download Job fetches that revision); "
+        "llama-server's own download takes the default branch",
+    ),
+    (
+        "self.engine == 'vllm' || !has(self.model.cache) || !has(self.model.cache.include)",
+        "model.cache.include selects the files of a vLLM checkpoint; llama-server fetches the one GGUF "
+        "file or quant that model.source names",
     ),
     (
         "!has(self.parallelism) || self.resources.gpus == 0 || "
@@ -134,6 +144,48 @@ SPEC_RULES: tuple[tuple[str, str], ...] = (
         "self.engine == 'vllm' || !has(self.reasoning) || !has(self.reasoning.parser) || "
         f"self.reasoning.parser in {_LLAMA_REASONING}",
         "reasoning.parser on llama-server is its --reasoning-format: none, deepseek, deepseek-legacy or auto",
+    ),
+    (
+        "!has(self.adapters) || !has(self.remote)",
+        "remote models run no engine: adapters are not allowed with remote",
+    ),
+    (
+        "!has(self.adapters) || has(self.model.cache) || self.adapters.all(a, a.source.startsWith('pvc://'))",
+        "adapters from Hugging Face are fetched through the weight cache: set model.cache, or use "
+        "pvc:// adapter sources",
+    ),
+    (
+        "self.engine == 'vllm' || !has(self.adapters) || self.adapters.all(a, a.source.endsWith('.gguf'))",
+        "llama-server loads GGUF LoRA adapters: each adapter source must name a .gguf file",
+    ),
+    (
+        "self.engine == 'llama-server' || !has(self.adapters) || "
+        "self.adapters.all(a, !a.source.endsWith('.gguf'))",
+        "vLLM loads PEFT adapter directories (adapter_config.json and weights), not .gguf files",
+    ),
+    (
+        "self.engine == 'llama-server' || !has(self.adapters) || self.adapters.all(a, !has(a.scale))",
+        "adapters[].scale is a llama-server setting",
+    ),
+    (
+        "self.engine == 'vllm' || !has(self.lora)",
+        "lora (maxLoras, maxRank, maxCpuLoras) holds vLLM settings; llama-server loads every adapter at "
+        "start",
+    ),
+    (
+        "!has(self.lora) || has(self.adapters)",
+        "lora settings without adapters: list the adapters in spec.adapters",
+    ),
+    (
+        "!has(self.lora) || !has(self.lora.maxLoras) || !has(self.lora.maxCpuLoras) || "
+        "self.lora.maxCpuLoras >= self.lora.maxLoras",
+        "lora.maxCpuLoras must be at least lora.maxLoras",
+    ),
+    (
+        "!has(self.adapters) || ((!has(self.model.servedName) || "
+        "self.adapters.all(a, a.name != self.model.servedName)) && (!has(self.model.aliases) || "
+        "self.adapters.all(a, !(a.name in self.model.aliases))))",
+        "an adapter's name must differ from model.servedName and model.aliases",
     ),
     (
         "'text' in self.modalities",

@@ -25,6 +25,13 @@ Modality = Literal["text", "image"]
 Thinking = Literal["default", "enabled", "disabled"]
 RoutingStrategy = Literal["least-load", "prefix-aware", "round-robin"]
 AutoscalingMode = Literal["builtin", "hpa", "keda", "off"]
+CacheAccessMode = Literal["ReadWriteMany", "ReadWriteOnce"]
+# vLLM's --max-lora-rank choices (0.32).
+LoRARank = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512]
+PUBLIC_NAME_RE = r"^[\w./:@-]+$"
+ADAPTER_SOURCE_RE = (
+    r"^(hf://[A-Za-z0-9][\w.-]*/[\w.-]+(/[\w./-]+)?|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/[\w./-]*)?)$"
+)
 
 
 class SecretKeyRef(Base):
@@ -45,6 +52,30 @@ class Architecture(Base):
     """Dimension of one attention head."""
 
 
+class WeightCache(Base):
+    """A shared weight cache: a PersistentVolumeClaim that a download Job fills once per source and
+    revision, which every replica (and every model naming the same files) mounts read-only."""
+
+    claim_name: str = Field(
+        default="kubeinfer-weights", max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+    )
+    """The cache's PersistentVolumeClaim in the model's namespace. The operator creates it if it does
+    not exist and never deletes it: deleting a model leaves the cache to the models that share it."""
+    size: Quantity = "100Gi"
+    """Requested size when the operator creates the claim."""
+    storage_class_name: str | None = Field(default=None, max_length=253)
+    """Storage class of a claim the operator creates; unset: the cluster's default class."""
+    access_mode: CacheAccessMode = "ReadWriteMany"
+    """`ReadWriteMany` lets replicas on every node share one copy (NFS, CephFS, Filestore, ...);
+    `ReadWriteOnce` works with any block storage, but then every replica runs on the node that
+    holds the volume."""
+    include: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
+        default=None, max_length=32
+    )
+    """Files of an `hf://org/repo` source to fetch (glob patterns). Default for vLLM: the
+    safetensors weights, configs and tokenizer files; llama-server takes one GGUF file or quant."""
+
+
 class ModelSpec(Base):
     """What to serve and the names clients use for it."""
 
@@ -62,6 +93,10 @@ class ModelSpec(Base):
             (
                 "!has(self.revision) || !has(self.source) || !self.source.startsWith('pvc://')",
                 "model.revision applies to Hugging Face sources only, not pvc://",
+            ),
+            (
+                "!has(self.cache) || (has(self.source) && !self.source.startsWith('pvc://'))",
+                "model.cache fetches Hugging Face sources; a pvc:// source is read in place",
             ),
         )
     )
@@ -85,7 +120,10 @@ class ModelSpec(Base):
     trust_remote_code: bool | None = None
     """Allow the checkpoint's own Python code to run (vLLM `--trust-remote-code`)."""
     token_secret_ref: SecretKeyRef | None = None
-    """Secret holding a Hugging Face token, exported to the engine as HF_TOKEN."""
+    """Secret holding a Hugging Face token, exported to the engine (or the download Job) as HF_TOKEN."""
+    cache: WeightCache | None = None
+    """Fetch Hugging Face weights once into a shared cache claim with a download Job, instead of in
+    every pod at start; pods start when the weights are there (condition WeightsReady)."""
 
 
 class Quantization(Base):
@@ -303,6 +341,33 @@ class EnvVar(Base):
     value: str | None = None
 
 
+class Adapter(Base):
+    """A LoRA adapter served beside the base model: clients send its name as `model`."""
+
+    name: str = Field(min_length=1, max_length=256, pattern=PUBLIC_NAME_RE)
+    """The public model id of the adapter (what clients send in `model`)."""
+    source: str = Field(max_length=512, pattern=ADAPTER_SOURCE_RE)
+    """Where the adapter comes from: `hf://org/repo` (a PEFT adapter directory, vLLM),
+    `hf://org/repo/file.gguf` (a GGUF LoRA, llama-server), or `pvc://claim/path`. Hugging Face
+    adapters go through model.cache."""
+    revision: str | None = Field(default=None, max_length=128)
+    """Hugging Face revision of the adapter."""
+    scale: float | None = Field(default=None, ge=-100, le=100)
+    """llama-server: the adapter's scale when a request names it (default 1)."""
+
+
+class LoRA(Base):
+    """Engine limits for LoRA adapters (vLLM; llama-server loads every adapter at start)."""
+
+    max_loras: int | None = Field(default=None, ge=1, le=256)
+    """Adapters in one batch on the GPU (vLLM `--max-loras`); default 4."""
+    max_rank: LoRARank | None = None
+    """Largest adapter rank (vLLM `--max-lora-rank`, default 16); an adapter of a higher rank is
+    reported in status and not loaded."""
+    max_cpu_loras: int | None = Field(default=None, ge=1, le=4096)
+    """Adapters kept in CPU memory (vLLM `--max-cpu-loras`); must be at least maxLoras."""
+
+
 class LLMModelSpec(Base):
     model_config = ConfigDict(json_schema_extra=cel(*SPEC_RULES))
 
@@ -344,6 +409,14 @@ class LLMModelSpec(Base):
     """Extra environment variables of the engine container (Kubernetes EnvVar objects)."""
     pod_template: FreeForm | None = None
     """A partial PodTemplateSpec merged over the rendered one (maps merge, containers by name)."""
+    adapters: list[Adapter] | None = Field(
+        default=None, max_length=64, json_schema_extra={"x-kubernetes-list-type": "map",
+                                                         "x-kubernetes-list-map-keys": ["name"]}
+    )  # fmt: skip
+    """LoRA adapters of the base model, each listed by the gateway as a model of its own. vLLM
+    loads and unloads them at run time when the list changes; llama-server restarts with the
+    new list."""
+    lora: LoRA | None = None
 
     # Convenience accessors used by the renderer and the estimate.
     def served_name(self, metadata_name: str) -> str:
@@ -388,6 +461,48 @@ class AutoscalingStatus(Base):
     """Why: for example `load 17.5 over target 8 per replica: 1 -> 3`."""
 
 
+WeightsPhase = Literal["Pending", "Downloading", "Ready", "Failed"]
+
+
+class WeightEntryStatus(Base):
+    """One cache entry (the base model's files, or one adapter's) and its download."""
+
+    key: str
+    """Directory of the entry in the cache claim; models with the same key share the files."""
+    source: str
+    phase: WeightsPhase
+    job: str | None = None
+    """The download Job that fills the entry."""
+    bytes_done: int | None = None
+    bytes_total: int | None = None
+    files_done: int | None = None
+    files_total: int | None = None
+    reason: str | None = None
+    message: str | None = None
+
+
+class WeightsStatus(Base):
+    """The weight cache's state for this model (model.cache)."""
+
+    phase: WeightsPhase
+    summary: str
+    """One line for `kubectl get llm`: `Ready`, `41% 1.2/2.9 GiB 20 MiB/s ETA 1m25s`, `Failed: GatedRepo`."""
+    bytes_done: int | None = None
+    bytes_total: int | None = None
+    rate_bytes_per_second: float | None = None
+    eta_seconds: int | None = None
+    entries: list[WeightEntryStatus] | None = None
+
+
+class AdapterStatus(Base):
+    """Whether a LoRA adapter can be served, and why not."""
+
+    name: str
+    ready: bool
+    reason: str | None = None
+    message: str | None = None
+
+
 class LLMModelStatus(Base):
     conditions: list[Condition] | None = None
     observed_generation: int | None = None
@@ -402,6 +517,8 @@ class LLMModelStatus(Base):
     spec_hash: str | None = None
     estimate: Estimate | None = None
     autoscaling: AutoscalingStatus | None = None
+    weights: WeightsStatus | None = None
+    adapters: list[AdapterStatus] | None = None
 
 
 class ObjectMeta(BaseModel):

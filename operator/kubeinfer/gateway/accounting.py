@@ -38,6 +38,8 @@ class Trace:
     queue_wait: float
     retries: int
     first_chunk: float | None = None
+    adapter: str | None = None
+    """The LoRA adapter asked for: its usage is booked under its own name."""
 
 
 class Relay(Protocol):
@@ -143,7 +145,7 @@ def account(state: State, trace: Trace, status: int, outcome: str, relay: Relay)
     usage = None
     if status == 200:
         usage = relay.usage()
-        state.record_usage(trace.model, usage, trace.key.name)
+        state.record_usage(trace.model, usage, trace.key.name, trace.adapter)
         if usage is not None:
             state.keys.spend(trace.key, usage.prompt_tokens + usage.completion_tokens, time.monotonic())
     _finish(state, trace, status, outcome, usage)

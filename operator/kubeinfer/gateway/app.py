@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import json
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
@@ -28,7 +30,7 @@ from kubeinfer.gateway.registry import Registry
 from kubeinfer.gateway.relay import Receive, Scope, Send
 from kubeinfer.gateway.request import error, parse_duration
 from kubeinfer.gateway.routing import Load
-from kubeinfer.gateway.scrape import ScrapeError, parse_metrics
+from kubeinfer.gateway.scrape import ScrapeError, loaded_adapters, parse_metrics
 from kubeinfer.gateway.state import GatewaySettings, State
 from kubeinfer.gateway.upstream import AiohttpUpstream, Upstream, UpstreamError
 
@@ -60,6 +62,14 @@ async def list_models(request: Request) -> JSONResponse:
          "state": state.registry.state(entry.name)}
         for entry, public in state.registry.listed()
         if key.models is None or public in key.models  # a key sees only the models it may use
+    ]  # fmt: skip
+    data += [
+        # A LoRA adapter is a model of its own, whose parent is the base model (as vLLM lists them).
+        {"id": adapter, "object": "model", "owned_by": "kubeinfer", "created": 0,
+         "root": entry.served_name, "parent": entry.served_name, "engine": entry.engine,
+         "modalities": list(entry.modalities), "state": state.registry.state(entry.name)}
+        for entry, adapter in state.registry.listed_adapters()
+        if key.models is None or adapter in key.models
     ]  # fmt: skip
     return JSONResponse({"object": "list", "data": data})
 
@@ -151,7 +161,7 @@ async def metrics_endpoint(request: Request) -> Response:
 async def scrape_once(state: State) -> None:
     """Scrape every replica's /metrics concurrently, each bounded by scrape_timeout."""
 
-    async def one(endpoint_id: str, address: str) -> None:
+    async def one(endpoint_id: str, address: str, adapters_of: str | None) -> None:
         try:
             status, text = await state.upstream.get_text(
                 f"http://{address}/metrics", state.settings.scrape_timeout
@@ -159,18 +169,28 @@ async def scrape_once(state: State) -> None:
             if status != 200:
                 return
             stats = parse_metrics(text)
-        except (UpstreamError, ScrapeError):
+            if adapters_of is not None:
+                # vLLM loads and unloads adapters at run time: which it serves now is in /v1/models.
+                status, text = await state.upstream.get_text(
+                    f"http://{address}/v1/models", state.settings.scrape_timeout
+                )
+                if status == 200:
+                    stats = dataclasses.replace(
+                        stats, loaded_adapters=loaded_adapters(json.loads(text), adapters_of)
+                    )
+        except (UpstreamError, ScrapeError, ValueError):
             return  # stale data ages out; own in-flight counts carry the routing meanwhile
         load = state.loads.get(endpoint_id, Load())
         state.loads[endpoint_id] = Load(load.inflight, stats, time.monotonic(), load.inflight)
 
-    endpoints = [
-        e
-        for eps in state.registry.endpoints.values()
-        for e in eps
-        if e.ready and not e.id.startswith("remote:")
-    ]
-    await asyncio.gather(*(one(e.id, e.address) for e in endpoints))
+    jobs = []
+    for name, eps in state.registry.endpoints.items():
+        entry = state.registry.models.get(name)
+        for e in eps:
+            if e.ready and not e.id.startswith("remote:"):
+                dynamic = entry is not None and bool(entry.adapters) and e.adapters is None
+                jobs.append(one(e.id, e.address, entry.served_name if dynamic and entry else None))
+    await asyncio.gather(*jobs)
     state.prefix_index.retain({e.id for eps in state.registry.endpoints.values() for e in eps})
 
 

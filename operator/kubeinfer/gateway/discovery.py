@@ -12,6 +12,7 @@ Secrets labelled as API keys are watched too, so a new, rotated or deleted key t
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from typing import Any
@@ -49,7 +50,23 @@ def entry_from_model(body: dict[str, Any], remote_key: str | None = None) -> Mod
         object_name=meta["name"],
         replicas=spec.get("replicas"),
         scale_from_zero=_scales_from_zero(spec.get("autoscaling")),
+        adapters=tuple(
+            a["name"] for a in spec.get("adapters") or () if isinstance(a, dict) and a.get("name")
+        ),
     )
+
+
+def _adapters(annotations: dict[str, Any]) -> tuple[tuple[str, int, float], ...] | None:
+    """A llama-server pod's adapters from its annotation: (name, engine id, scale); None if absent."""
+    raw = annotations.get(contract.ANNOTATION_ADAPTERS)
+    if not raw:
+        return None
+    try:
+        items = json.loads(raw)
+        return tuple((str(a["name"]), int(a["id"]), float(a.get("scale", 1.0))) for a in items)
+    except (ValueError, TypeError, KeyError):
+        _log.warning("ignoring malformed %s annotation: %r", contract.ANNOTATION_ADAPTERS, raw[:200])
+        return None
 
 
 def _scales_from_zero(autoscaling: Any) -> bool:
@@ -101,8 +118,9 @@ def endpoint_from_pod(pod: dict[str, Any]) -> tuple[str, Endpoint] | None:
     )
     address = f"[{ip}]:{port}" if ip and ":" in ip else f"{ip}:{port}"
     return model, Endpoint(
-        id=meta["name"], address=address, model=model, ready=ready, phase="" if ready else pod_phase(pod)
-    )
+        id=meta["name"], address=address, model=model, ready=ready, phase="" if ready else pod_phase(pod),
+        adapters=_adapters(annotations),
+    )  # fmt: skip
 
 
 class Discovery:

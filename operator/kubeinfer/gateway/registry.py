@@ -102,6 +102,8 @@ class ModelEntry:
     """spec.replicas as last seen (Kubernetes discovery)."""
     scale_from_zero: bool = False
     """The builtin autoscaler may take it to zero: a request for it at zero replicas asks for one."""
+    adapters: tuple[str, ...] = ()
+    """Names of its LoRA adapters (spec.adapters): each is a model id of its own for clients."""
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         """Estimated cost of a request's tokens at the model's price per million."""
@@ -127,6 +129,7 @@ class Registry:
         self.models: dict[str, ModelEntry] = {}
         self.endpoints: dict[str, list[Endpoint]] = {}
         self._names: dict[str, str] = {}
+        self._adapters: dict[str, str] = {}  # adapter name -> model name
         # Set by Kubernetes discovery: asks for one replica of a model at zero (scale from zero).
         self.waker: Callable[[ModelEntry], None] | None = None
 
@@ -171,14 +174,35 @@ class Registry:
 
     def _reindex(self) -> None:
         names: dict[str, str] = {}
+        adapters: dict[str, str] = {}
         for entry in self.models.values():
             for public in (entry.served_name, *entry.aliases):
                 names.setdefault(public, entry.name)
-        self._names = names
+        for entry in self.models.values():
+            for adapter in entry.adapters:
+                if adapter not in names:  # a model's own name wins over another's adapter
+                    names[adapter] = entry.name
+                    adapters[adapter] = entry.name
+        self._names, self._adapters = names, adapters
 
     def resolve(self, public_name: str) -> ModelEntry | None:
+        """The model a public id names: a served name, an alias, or one of its adapters."""
         name = self._names.get(public_name)
         return self.models.get(name) if name else None
+
+    def adapter_for(self, public_name: str) -> str | None:
+        """The adapter a public id names, or None for a model's own name."""
+        return public_name if public_name in self._adapters else None
+
+    def listed_adapters(self) -> list[tuple[ModelEntry, str]]:
+        """(base model, adapter) for the adapters of the models `listed` shows."""
+        return [
+            (entry, adapter)
+            for entry in self.models.values()
+            if entry.adapters and (self.has_ready(entry.name) or entry.scale_from_zero)
+            for adapter in entry.adapters
+            if self._adapters.get(adapter) == entry.name
+        ]
 
     def ready_endpoints(self, name: str) -> list[Endpoint]:
         return [e for e in self.endpoints.get(name, []) if e.ready]

@@ -31,7 +31,7 @@ from kubeinfer.gateway.accounting import (
 )
 from kubeinfer.gateway.admission import ModelQueue, QueueFull, QueueTimeout
 from kubeinfer.gateway.registry import ModelEntry
-from kubeinfer.gateway.request import DROP_HEADERS, Prepared, error, parse_duration
+from kubeinfer.gateway.request import DROP_HEADERS, Prepared, error, parse_duration, with_lora
 from kubeinfer.gateway.routing import Endpoint, Load, RouteRequest, choose
 from kubeinfer.gateway.state import State
 from kubeinfer.gateway.upstream import UpstreamError, UpstreamResponse
@@ -144,7 +144,8 @@ async def forward(
             url = f"http://{endpoint.address}/v1/{req.path}"
         started = time.monotonic()
         try:
-            upstream = await state.upstream.post(url, req.headers, req.raw)
+            raw = with_lora(req.raw, req.adapter, endpoint) if req.adapter and endpoint.adapters else req.raw
+            upstream = await state.upstream.post(url, req.headers, raw)
         except UpstreamError as exc:
             state.release(entry.name, endpoint.id)
             last_error = f"replica {endpoint.id}: {exc}"
@@ -159,7 +160,9 @@ async def forward(
             continue
         state.ttfb_for(entry.name).observe(time.monotonic() - started)
         state.requests_for(entry.name, endpoint.id, upstream.status).inc()  # labels() str()s the code
-        trace = Trace(entry, endpoint.id, req.key, req.path, arrived, queue_wait, attempt)
+        trace = Trace(
+            entry, endpoint.id, req.key, req.path, arrived, queue_wait, attempt, adapter=req.adapter
+        )
         is_sse = any(
             v.startswith("text/event-stream") and k.lower() == "content-type" for k, v in upstream.headers
         )

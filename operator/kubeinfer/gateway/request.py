@@ -22,7 +22,7 @@ from kubeinfer.api.fields import duration_seconds
 from kubeinfer.gateway import validate
 from kubeinfer.gateway.auth import ApiKey, Denied
 from kubeinfer.gateway.registry import ModelEntry
-from kubeinfer.gateway.routing import RouteRequest, prefix_blocks
+from kubeinfer.gateway.routing import Endpoint, RouteRequest, prefix_blocks
 from kubeinfer.gateway.state import State
 from kubeinfer.gateway.translate.common import TranslationError
 from kubeinfer.gateway.translate.messages import messages_to_chat
@@ -138,6 +138,17 @@ class Prepared:
     headers: dict[str, str]
     raw: bytes
     """The body to send."""
+    adapter: str | None = None
+    """The LoRA adapter the client named as `model`, if any (routing and the usage ledger)."""
+
+
+def with_lora(raw: bytes, adapter: str, endpoint: Endpoint) -> bytes:
+    """The body for a llama-server replica: its own id of the adapter, applied to this request only
+    (`lora`: the engine loaded every adapter at scale 0, so the others stay off)."""
+    for name, engine_id, scale in endpoint.adapters or ():
+        if name == adapter:
+            return json.dumps({**json.loads(raw), "lora": [{"id": engine_id, "scale": scale}]}).encode()
+    return raw
 
 
 async def prepare(state: State, request: Request, path: str) -> JSONResponse | Prepared:
@@ -177,8 +188,10 @@ async def prepare(state: State, request: Request, path: str) -> JSONResponse | P
         kind = "rate_limit_error" if denied.status == 429 else "permission_error"
         return error(denied.status, denied.message, kind, param="model", code=denied.code, headers=wait)
 
+    adapter = state.registry.adapter_for(model)
     route = RouteRequest(
         model=entry.name,
+        adapter=adapter,
         # Hashed only where it is used: the other strategies route by load alone.
         prefix=prefix_blocks(body) if entry.routing.strategy == "prefix-aware" else (),
         session=request.headers.get(entry.routing.session_header) if entry.routing.session_header else None,
@@ -208,4 +221,6 @@ async def prepare(state: State, request: Request, path: str) -> JSONResponse | P
             headers["authorization"] = f"Bearer {entry.remote.api_key}"
     elif sent is not body:
         raw = stream_request_bytes(raw, body, sent)
-    return Prepared(key, model, entry, path, body, route, upstream_path, translate, strip_usage, headers, raw)
+    return Prepared(
+        key, model, entry, path, body, route, upstream_path, translate, strip_usage, headers, raw, adapter
+    )

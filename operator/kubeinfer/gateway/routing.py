@@ -18,7 +18,9 @@ from typing import Any, Literal
 from kubeinfer.api.v1alpha1 import RoutingStrategy
 from kubeinfer.gateway.scrape import ReplicaStats
 
-Reason = Literal["round-robin", "least-load", "prefix-hit", "prefix-overloaded-fallback", "session"]
+Reason = Literal[
+    "round-robin", "least-load", "prefix-hit", "prefix-overloaded-fallback", "session", "adapter-affinity"
+]
 
 VNODES = 100
 """Points per endpoint on the hash ring: enough that each endpoint owns close to 1/N of the keys."""
@@ -53,6 +55,15 @@ class Endpoint:
     ready: bool = True
     phase: str = ""
     """Where a replica that is not ready stands (scheduling, starting, loading), for cold-start progress."""
+    adapters: tuple[tuple[str, int, float], ...] | None = None
+    """LoRA adapters loaded at start, as (name, engine id, scale): llama-server pods (their
+    annotation). None: the replica's adapters change at run time (vLLM) and its scrape says."""
+
+    def serves_adapter(self, name: str, load: Load | None) -> bool:
+        if self.adapters is not None:
+            return any(a[0] == name for a in self.adapters)
+        stats = load.scraped if load is not None else None
+        return stats is not None and stats.loaded_adapters is not None and name in stats.loaded_adapters
 
 
 @dataclass(frozen=True)
@@ -73,6 +84,9 @@ class RouteRequest:
     """The prompt's chained block hashes (`prefix_blocks`); empty = nothing to share, route by load."""
     session: str | None = None
     """Value of the model's session header, if any: pins the session to one replica."""
+    adapter: str | None = None
+    """A LoRA adapter the request names: only replicas that serve it are candidates, and of those the
+    ones running it already are preferred (its weights are in their GPU slots: no swap)."""
 
 
 @dataclass(frozen=True)
@@ -153,8 +167,16 @@ def choose(
     """
     if scrape_interval <= 0 or target_inflight < 1 or load_bound <= 0 or min_bound < 0:
         raise ValueError("scrape_interval, load_bound must be > 0, min_bound >= 0, target_inflight >= 1")
+    adapter = request.adapter
     candidates = sorted(
-        {e.id for e in endpoints if e.ready and e.model == request.model and e.id not in exclude}
+        {
+            e.id
+            for e in endpoints
+            if e.ready
+            and e.model == request.model
+            and e.id not in exclude
+            and (adapter is None or e.serves_adapter(adapter, loads.get(e.id)))
+        }
     )
     if not candidates:
         return None
@@ -170,6 +192,10 @@ def choose(
     least = min(candidates, key=lambda i: (scores[i], turn[i]))
     bound = max(load_bound * (sum(scores.values()) / n + 1), min_bound * target_inflight)
 
+    if adapter is not None and not request.session:
+        running = [i for i in candidates if _running(loads.get(i), adapter) and scores[i] <= bound]
+        if running:
+            return Decision(min(running, key=lambda i: (scores[i], turn[i])), "adapter-affinity")
     if request.session:
         for i in ring(tuple(candidates)).walk(request.session):
             if scores[i] <= bound:
@@ -184,6 +210,11 @@ def choose(
     if not within:
         return Decision(least, "prefix-overloaded-fallback")
     return Decision(min(within, key=lambda i: (-cached[i], scores[i], turn[i])), "prefix-hit")
+
+
+def _running(load: Load | None, adapter: str) -> bool:
+    stats = load.scraped if load is not None else None
+    return stats is not None and adapter in stats.running_adapters
 
 
 class PrefixIndex:

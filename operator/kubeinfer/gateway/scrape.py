@@ -52,6 +52,11 @@ class ReplicaStats:
     """KV cache block size in tokens (vllm:cache_config_info)."""
     kv_cache_bytes: int | None = None
     """KV cache memory, summed over engines (vllm:cache_config_info kv_cache_memory_bytes)."""
+    running_adapters: frozenset[str] = frozenset()
+    """LoRA adapters of the requests running now (vllm:lora_requests_info): in the GPU's adapter
+    slots, so another request for one of them costs no adapter swap."""
+    loaded_adapters: frozenset[str] | None = None
+    """LoRA adapters the replica serves (vLLM's /v1/models, read beside /metrics); None: not read."""
 
 
 def parse_metrics(text: str, engine: EngineName | None = None) -> ReplicaStats:
@@ -66,12 +71,18 @@ def parse_metrics(text: str, engine: EngineName | None = None) -> ReplicaStats:
     sums: dict[str, float] = defaultdict(float)
     kv_usage: list[float] = []
     info: list[Mapping[str, str]] = []
+    lora: tuple[float, Mapping[str, str]] | None = None
     try:
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 names.add(sample.name)
                 if sample.name == "vllm:cache_config_info":
                     info.append(sample.labels)
+                elif sample.name == "vllm:lora_requests_info":
+                    # One series per label set ever seen, valued with the time it was last set: the
+                    # newest is the current state.
+                    if lora is None or sample.value >= lora[0]:
+                        lora = (sample.value, sample.labels)
                 elif sample.name in ("vllm:kv_cache_usage_perc", "llamacpp:kv_cache_usage_ratio"):
                     kv_usage.append(sample.value)  # a fraction; averaged, not summed
                 elif not math.isnan(sample.value):
@@ -121,7 +132,26 @@ def parse_metrics(text: str, engine: EngineName | None = None) -> ReplicaStats:
         generation_tokens_total=generation,
         block_size=next((b for b in (_int_label(i, "block_size") for i in info) if b is not None), None),
         kv_cache_bytes=_sum_labels(info, "kv_cache_memory_bytes"),
+        running_adapters=_names(lora[1].get("running_lora_adapters", "")) if lora else frozenset(),
     )
+
+
+def _names(text: str) -> frozenset[str]:
+    return frozenset(n.strip() for n in text.split(",") if n.strip())
+
+
+def loaded_adapters(models: object, base: str | None = None) -> frozenset[str]:
+    """The LoRA adapters in a vLLM /v1/models answer: the entries that name a parent model (the base
+    model has none), of `base` if given. Anything unexpected reads as no adapters."""
+    data = models.get("data") if isinstance(models, dict) else None
+    out = set()
+    for item in data if isinstance(data, list) else []:
+        if not isinstance(item, dict):
+            continue
+        parent, name = item.get("parent"), item.get("id")
+        if isinstance(parent, str) and parent and isinstance(name, str) and (base is None or parent == base):
+            out.add(name)
+    return frozenset(out)
 
 
 def prefix_hit_rate(prev: ReplicaStats, cur: ReplicaStats) -> float | None:

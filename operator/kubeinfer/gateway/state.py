@@ -154,9 +154,12 @@ class State:
         self.duration_for = Series(self.duration)
         self.output_rate_for = Series(self.output_rate)
 
-    def record_usage(self, model: ModelEntry, usage: Usage | None, key: str = "anonymous") -> None:
-        """The usage ledger: requests, tokens and estimated cost per API key and model."""
-        name = model.name
+    def record_usage(
+        self, model: ModelEntry, usage: Usage | None, key: str = "anonymous", adapter: str | None = None
+    ) -> None:
+        """The usage ledger: requests, tokens and estimated cost per API key and model (an adapter is
+        a model of its own here, priced as its base model)."""
+        name = adapter or model.name
         entry = self.ledger.get((key, name))
         if entry is None:
             entry = self.ledger[(key, name)] = {

@@ -30,8 +30,12 @@ REFRESH_SECONDS = float(os.environ.get("KUBEINFER_REFRESH_SECONDS", "60"))
 # The builtin autoscaler (operator/scaling.py): 0 turns it off.
 AUTOSCALE_INTERVAL = float(os.environ.get("KUBEINFER_AUTOSCALE_INTERVAL", "10"))
 AUTOSCALE_WINDOW = float(os.environ.get("KUBEINFER_AUTOSCALE_WINDOW", "60"))
+# How often a model whose weights are downloading re-reads its Jobs' progress (status.weights).
+WEIGHTS_POLL_SECONDS = float(os.environ.get("KUBEINFER_WEIGHTS_POLL_SECONDS", "5"))
 
 _WARNING = {("ResourcesFit", "False"), ("Degraded", "True"), ("Ready", "False")}
+# WeightsReady=False reasons that are steps of a download, not failures.
+_WEIGHTS_UNDER_WAY = {"DownloadStarted", "Downloading", "DownloadPending"}
 
 
 @kopf.on.startup()
@@ -50,6 +54,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo.last_status = {}
     memo.namespaces = [n for n in os.environ.get("KUBEINFER_NAMESPACES", "").split(",") if n]
     memo.refresher = asyncio.create_task(_refresh_forever(memo))
+    memo.weights_poller = asyncio.create_task(_poll_downloads_forever(memo))
     memo.scaler = None
     if AUTOSCALE_INTERVAL > 0:
         targets = scaling.GatewayTargets(
@@ -66,6 +71,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     memo.refresher.cancel()
+    memo.weights_poller.cancel()
     if memo.scaler is not None:
         memo.scaler.cancel()
     await memo.api_cm.__aexit__(None, None, None)
@@ -74,7 +80,8 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 async def _emit(body: Any, result: Result, memo: kopf.Memo, in_handler: bool) -> None:
     for type_, reason, message in result.transitions:
         status = next((c["status"] for c in result.status.get("conditions", []) if c["type"] == type_), "")
-        kind = "Warning" if (type_, status) in _WARNING else "Normal"
+        failed_download = type_ == "WeightsReady" and status == "False" and reason not in _WEIGHTS_UNDER_WAY
+        kind = "Warning" if (type_, status) in _WARNING or failed_download else "Normal"
         text = f"{type_}={status}: {message}"[:1024]
         if in_handler:
             kopf.event(body, type=kind, reason=reason, message=text)
@@ -123,6 +130,49 @@ async def _refresh_forever(memo: kopf.Memo) -> None:
                     await _run(body, memo, fresh=True)
         except Exception:  # keep refreshing whatever one pass hit; kopf handlers still run
             log.exception("refresh pass failed")
+
+
+def _downloading(status: dict[str, Any]) -> bool:
+    return ((status.get("weights") or {}).get("phase")) in ("Pending", "Downloading")
+
+
+async def _poll_downloads_forever(memo: kopf.Memo) -> None:
+    """Re-read the progress of models whose weights are being downloaded, every few seconds: a Job's
+    progress is in its pod's log, which no watch announces. Only those models: the others cost
+    nothing here."""
+    log = logging.getLogger("kubeinfer.weights")
+    while True:
+        await asyncio.sleep(WEIGHTS_POLL_SECONDS)
+        for (ns, name), (_, status) in list(memo.last_status.items()):
+            if not _downloading(status):
+                continue
+            try:
+                body = await kube.get_model(memo.api, ns, name)
+                if body is not None and not body.get("metadata", {}).get("deletionTimestamp"):
+                    await _run(body, memo, fresh=True)
+            except Exception:  # the next poll (or the model's own handlers) tries again
+                log.exception("reading the download progress of %s/%s failed", ns, name)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={contract.LABEL_COMPONENT: contract.COMPONENT_WEIGHTS})
+async def download_changed(body: kopf.Body, event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None:
+    """A download Job finished or failed: reconcile the models of its namespace that wait on it at
+    once (a Job is shared, so it has no single owner to look up)."""
+    if event.get("type") not in ("MODIFIED", "DELETED"):
+        return
+    ns = body.get("metadata", {}).get("namespace")
+    job = body.get("metadata", {}).get("name")
+    index: kopf.Index[tuple[str, str], dict[str, Any]] = kwargs["models"]
+    for (model_ns, _), store in index.items():
+        if model_ns != ns:
+            continue
+        for model in store:
+            status = (
+                memo.last_status.get((ns, model["metadata"]["name"])) or (None, model.get("status") or {})
+            )[1]
+            jobs = {e.get("job") for e in (status.get("weights") or {}).get("entries") or []}
+            if job in jobs and not model.get("metadata", {}).get("deletionTimestamp"):
+                await _run(model, memo)
 
 
 @kopf.on.delete(*MODEL, optional=True)

@@ -20,7 +20,9 @@ from pydantic import ValidationError
 from kubeinfer import contract, kube
 from kubeinfer.api.v1alpha1 import LLMModel
 from kubeinfer.estimate import estimate
+from kubeinfer.operator import adapters, weights
 from kubeinfer.operator.status import ChildProblem, Observed, compute_status, status_changed, transitions
+from kubeinfer.operator.weightstate import EntryState, ready_in_status
 from kubeinfer.render.config import RenderConfig
 from kubeinfer.render.manifests import render, spec_hash
 
@@ -182,6 +184,7 @@ async def reconcile(
         return Result(status, [("Ready", "InvalidSpec", str(exc)[:1000])], [])
 
     est = estimate(model.spec)
+    cached: list[EntryState] = []
     applied: list[str] = []
     problem: ChildProblem | None = None
     full = deployment is None
@@ -194,7 +197,16 @@ async def reconcile(
         observed = Observed(remote_secret_ok=ok)
     else:
         fits = est.fits is not False or model.spec.resources.skip_fit_check
-        if fits and deployment is not None:
+        # The weight cache (model.cache): pods start only once every entry is downloaded. A Deployment
+        # event needs no look at the cache when the last status saw it complete.
+        if fits and not (deployment is not None and ready_in_status(model, previous)):
+            cached = await weights.observe(api, model, config, previous)
+        elif fits:
+            cached = weights.from_status(model, previous)
+        weights_ready = all(s.phase == "Ready" for s in cached)
+        if fits and not weights_ready:
+            pass  # nothing applied: an existing Deployment (an earlier spec) keeps serving meanwhile
+        elif fits and deployment is not None:
             desired = render(model, config)[0]
             if drifted(desired, deployment):
                 deployment, problem = await apply_child(api, desired, uid)
@@ -228,11 +240,24 @@ async def reconcile(
             and int(dstatus.get("replicas") or 0) > 0
         )
         pods = await kube.list_model_pods(api, ns, name) if full and missing else None
+        reports = None
+        if model.spec.engine == "vllm" and model.spec.adapters and weights_ready:
+            # Adapters load at run time: every pass brings the ready replicas to the spec's list.
+            if int(dstatus.get("readyReplicas") or 0) > 0:
+                listed = pods if pods is not None else await kube.list_model_pods(api, ns, name)
+                reports = await adapters.sync(model, listed)
+            else:
+                reports = await adapters.sync(model, [])
         observed = Observed(
-            deployment=deployment, pods=pods, applied=fits, spec_hash=spec_hash(model), child_problem=problem
-        )
+            deployment=deployment, pods=pods, applied=fits, spec_hash=spec_hash(model), child_problem=problem,
+            weights=cached, adapters=reports,
+        )  # fmt: skip
 
     status = compute_status(model, est, observed, previous, now_iso())
     if status_changed(previous, status):
         await kube.patch_model_status(api, ns, name, status)
-    return Result(status, transitions(previous, status), applied)
+    news = transitions(previous, status)
+    for s in cached:
+        if s.created:
+            news.append(("WeightsReady", "DownloadStarted", f"downloading {s.entry.source} with Job {s.job}"))
+    return Result(status, news, applied)

@@ -6,9 +6,12 @@ Conditions:
 * Progressing: a rollout or scale is under way (True), finished (False, reason Complete), or
   blocked because the spec does not fit (False, reason ResourcesDoNotFit).
 * Degraded: something needs a person: pods crash-looping, images not pulling, unschedulable pods,
-  a rollout past its deadline, a remote model whose key Secret is missing, or a child object the
+  a rollout past its deadline, a remote model whose key Secret is missing, a child object the
   operator may not write (another controller owns it: ChildConflict; the apiserver refused it:
-  ApplyFailed).
+  ApplyFailed), or a weight download that failed (WeightsFailed).
+* WeightsReady (only with model.cache): every cache entry is downloaded (True, Cached), being
+  downloaded (False, Downloading / DownloadPending), or failed (False, with the fetcher's reason:
+  RepoNotFound, GatedRepo, FileNotFound, DiskFull, ...).
 """
 
 from __future__ import annotations
@@ -18,7 +21,11 @@ from typing import Any
 
 from kubeinfer import contract
 from kubeinfer.api.v1alpha1 import Estimate, LLMModel
+from kubeinfer.operator.weightstate import EntryState, weights_condition, weights_status
 from kubeinfer.render.manifests import endpoint
+
+# WeightsReady=False reasons that are not failures: the download is under way.
+_FETCHING = {"Downloading", "DownloadPending"}
 
 # Container waiting reasons that will not resolve on their own.
 _STUCK_REASONS = {
@@ -36,6 +43,15 @@ class ChildProblem:
     message: str
 
 
+@dataclass
+class AdapterReport:
+    """An adapter across the replicas of one pass."""
+
+    name: str
+    loaded_on: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
 @dataclass(frozen=True)
 class Observed:
     """What the reconciler saw: the Deployment (or None), the model's pods, remote key presence."""
@@ -46,6 +62,8 @@ class Observed:
     applied: bool = True  # False when the spec was held back (does not fit)
     spec_hash: str | None = None
     child_problem: ChildProblem | None = None
+    weights: list[EntryState] = field(default_factory=list)  # model.cache entries; [] without
+    adapters: list[AdapterReport] | None = None  # vLLM: this pass's adapter sync; None: not synced
 
 
 def _cond(type_: str, status: str, reason: str, message: str) -> dict[str, Any]:
@@ -134,8 +152,17 @@ def compute_status(
         if observed.child_problem and observed.child_problem.kind == "Deployment"
         else None
     )
+    weights = weights_condition(observed.weights)
+    fetching = weights is not None and weights[0] == "False"
+    if weights is not None:
+        conditions.append(_cond("WeightsReady", *weights))
     if blocked is not None:
         conditions.append(_cond("Ready", "False", blocked.reason, blocked.message))
+    elif ready == 0 and fetching and weights is not None:
+        reason = "WeightsFailed" if weights[1] not in _FETCHING else "WeightsDownloading"
+        conditions.append(
+            _cond("Ready", "False", reason, f"no pods until the weights are cached: {weights[2]}")
+        )
     elif ready > 0:
         conditions.append(_cond("Ready", "True", "Available", f"{ready}/{desired} replicas ready"))
     elif desired == 0:
@@ -151,6 +178,12 @@ def compute_status(
 
     if blocked is not None:
         conditions.append(_cond("Progressing", "False", blocked.reason, "the Deployment cannot be written"))
+    elif fetching and weights is not None and weights[1] in _FETCHING:
+        conditions.append(_cond("Progressing", "True", "WeightsDownloading", weights[2]))
+    elif fetching and weights is not None:
+        conditions.append(
+            _cond("Progressing", "False", "WeightsFailed", "the spec's weights could not be fetched")
+        )
     elif not observed.applied:
         conditions.append(
             _cond("Progressing", "False", "ResourcesDoNotFit",
@@ -178,11 +211,15 @@ def compute_status(
         problems = _pod_problems(observed.pods)
     if deadline_exceeded:
         problems.append("rollout exceeded its progress deadline")
+    if fetching and weights is not None and weights[1] not in _FETCHING:
+        problems.insert(0, weights[2])
     if observed.child_problem is not None:
         problem = observed.child_problem
         conditions.append(
             _cond("Degraded", "True", problem.reason, "; ".join([problem.message, *problems])[:1000])
         )
+    elif fetching and weights is not None and weights[1] not in _FETCHING:
+        conditions.append(_cond("Degraded", "True", "WeightsFailed", "; ".join(problems)[:1000]))
     elif problems:
         conditions.append(_cond("Degraded", "True", "ReplicasFailing", "; ".join(problems)[:1000]))
     else:
@@ -195,6 +232,8 @@ def compute_status(
         updatedReplicas=updated,
         selector=selector,
         endpoint=endpoint(model),
+        weights=weights_status(observed.weights),
+        adapters=adapters_status(model, observed.adapters, ready, updated),
     )
     status["conditions"] = _stamp(conditions, previous, now, gen)
     return status
@@ -221,6 +260,7 @@ def _stamp(
 # apiserver a write: with 200 models created at once that is measurable.
 _NEWSWORTHY = {
     ("ResourcesFit", "False"), ("Ready", "True"), ("Degraded", "True"), ("Progressing", "True"),
+    ("WeightsReady", "True"),
 }  # fmt: skip
 
 
@@ -230,8 +270,18 @@ def transitions(previous: dict[str, Any] | None, current: dict[str, Any]) -> lis
     Losing readiness or recovering from degradation is news only when the earlier state was seen."""
     before = {c.get("type"): c.get("status") for c in (previous or {}).get("conditions") or []}
     out = []
+    reasons = {c.get("type"): c.get("reason") for c in (previous or {}).get("conditions") or []}
     for c in current.get("conditions") or []:
         old = before.get(c["type"])
+        if (
+            c["type"] == "WeightsReady"
+            and c["status"] == "False"
+            and c["reason"] != reasons.get("WeightsReady")
+        ):
+            # Each step of a download is news: it started (or waits), it failed and why.
+            if c["reason"] != "DownloadPending":
+                out.append((c["type"], c["reason"], c["message"]))
+            continue
         if old == c["status"]:
             continue
         if c["type"] == "Progressing" and (old is None or c["status"] != "True"):
@@ -249,3 +299,32 @@ def status_changed(previous: dict[str, Any] | None, current: dict[str, Any]) -> 
     prev = {k: v for k, v in (previous or {}).items() if v is not None and k not in _OWNED_ELSEWHERE}
     cur = {k: v for k, v in current.items() if v is not None and k not in _OWNED_ELSEWHERE}
     return prev != cur
+
+
+def adapters_status(
+    model: LLMModel, reports: list[AdapterReport] | None, ready_replicas: int, updated_replicas: int
+) -> list[dict[str, Any]] | None:
+    """status.adapters (pure). vLLM: an adapter is ready on a replica that lists it. llama-server: the
+    adapters are on the command line, so they are ready with the current spec's replicas."""
+    adapters = model.spec.adapters or []
+    if not adapters:
+        return None
+    out = []
+    if model.spec.engine == "llama-server" or reports is None:
+        ok = ready_replicas > 0 and updated_replicas > 0
+        for a in adapters:
+            entry: dict[str, Any] = {"name": a.name, "ready": ok}
+            if not ok:
+                entry.update(reason="NoReadyReplicas", message="no ready replica runs the current spec yet")
+            out.append(entry)
+        return out
+    by_name = {r.name: r for r in reports}
+    for a in adapters:
+        r = by_name.get(a.name) or AdapterReport(a.name)
+        entry = {"name": a.name, "ready": r.loaded_on > 0}
+        if r.errors:
+            entry.update(reason="LoadFailed", message="; ".join(sorted(set(r.errors)))[:1000])
+        elif r.loaded_on == 0:
+            entry.update(reason="NotLoaded", message="no ready replica has loaded it yet")
+        out.append(entry)
+    return out

@@ -14,6 +14,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     from kubeinfer.estimate import estimate
     from kubeinfer.render.config import load_config
     from kubeinfer.render.manifests import render
+    from kubeinfer.render.weights import cache_objects
 
     config = load_config(args.config)
     out: list[str] = []
@@ -21,7 +22,9 @@ def cmd_render(args: argparse.Namespace) -> int:
         for model in parse_all(path):
             est = estimate(model.spec)
             out.append(f"# {model.name}: {est.message}\n")
-            out.append(yaml.safe_dump_all(render(model, config), sort_keys=False, width=120))
+            # The weight cache's claim and download Jobs come first: the operator creates them first.
+            objects = cache_objects(model, config) + render(model, config)
+            out.append(yaml.safe_dump_all(objects, sort_keys=False, width=120))
             if args.estimate:
                 out.append(
                     "---\n# estimate\n"

@@ -17,6 +17,9 @@ class _Base(BaseModel):
 class Images(_Base):
     vllm: str
     llama_server: str
+    # The kubeinfer image itself (full reference; imageRegistry does not apply): the weight cache's
+    # download Jobs run `kubeinfer weights fetch` in it.
+    kubeinfer: str = "kubeinfer/kubeinfer:0.1.0"
 
 
 class RenderConfig(_Base):
@@ -32,8 +35,14 @@ class RenderConfig(_Base):
         default="http://prometheus-operated.monitoring.svc:9090", pattern=r"^https?://\S+$"
     )
 
-    def image_for(self, engine: str) -> str:
-        name = self.images.vllm if engine == "vllm" else self.images.llama_server
+    # Hugging Face endpoint of the download Jobs (HF_ENDPOINT): empty for huggingface.co, or a mirror.
+    hf_endpoint: str = Field(default="", pattern=r"^(https?://\S+)?$")
+
+    def image_for(self, what: str) -> str:
+        """Image of an engine ("vllm", "llama-server") or of kubeinfer itself ("kubeinfer")."""
+        if what == "kubeinfer":  # the operator's own image: the chart writes its full reference
+            return self.images.kubeinfer
+        name = self.images.vllm if what == "vllm" else self.images.llama_server
         return f"{self.image_registry.rstrip('/')}/{name}" if self.image_registry else name
 
 

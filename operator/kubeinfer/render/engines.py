@@ -13,6 +13,7 @@ from typing import Any
 from kubeinfer import contract
 from kubeinfer.api.v1alpha1 import LLMModel
 from kubeinfer.render.source import Source, hf_file_url, parse_source
+from kubeinfer.render.weights import adapter_path, model_entry
 
 VLLM_COMMAND = ["vllm", "serve"]
 LLAMA_COMMAND = ["llama-server"]
@@ -60,11 +61,13 @@ def vllm_args(model: LLMModel) -> list[str]:
     spec = model.spec
     assert spec.model.source is not None, "remote models have no engine"
     source = parse_source(spec.model.source)
-    args = [_model_ref(source), "--served-model-name", *served_names(model)]
+    cached = model_entry(model)
+    # From the weight cache, vLLM loads a local directory that already is the requested revision.
+    args = [cached.path if cached else _model_ref(source), "--served-model-name", *served_names(model)]
     args += ["--host", "0.0.0.0", "--port", str(contract.ENGINE_PORT)]
 
     m = spec.model
-    if m.revision:
+    if m.revision and not cached:
         args += ["--revision", m.revision]
     if m.trust_remote_code:
         args.append("--trust-remote-code")
@@ -122,7 +125,39 @@ def vllm_args(model: LLMModel) -> list[str]:
     if kwargs:
         args += ["--default-chat-template-kwargs", _json(kwargs)]
 
+    if spec.adapters:
+        # The adapters themselves are loaded at run time (operator/adapters.py), so changing the list
+        # restarts nothing; only these limits are fixed at start.
+        lora = spec.lora
+        args += ["--enable-lora", "--max-loras", str(vllm_max_loras(model))]
+        if lora and lora.max_rank is not None:
+            args += ["--max-lora-rank", str(lora.max_rank)]
+        if lora and lora.max_cpu_loras is not None:
+            args += ["--max-cpu-loras", str(lora.max_cpu_loras)]
+
     return args + list(spec.extra_args or [])
+
+
+# Adapters in one batch when lora.maxLoras is unset (vLLM's own default, 1, serializes every mix of
+# adapters). Fixed rather than derived from the adapter count, so adding an adapter restarts nothing.
+DEFAULT_MAX_LORAS = 4
+
+
+def vllm_max_loras(model: LLMModel) -> int:
+    lora = model.spec.lora
+    return lora.max_loras if lora and lora.max_loras is not None else DEFAULT_MAX_LORAS
+
+
+def llama_adapter_paths(model: LLMModel) -> list[str]:
+    """The `--lora` files of llama-server in spec order: the engine numbers adapters 0, 1, ... in
+    this order, which is how the gateway names one in a request (render/manifests.py writes the
+    order into the pod's annotations)."""
+    paths = []
+    for a in model.spec.adapters or []:
+        path = adapter_path(model, a.name)
+        assert path is not None
+        paths.append(path)
+    return paths
 
 
 def _llama_model_args(
@@ -141,7 +176,8 @@ def llama_server_args(model: LLMModel) -> list[str]:
     assert spec.model.source is not None, "remote models have no engine"
     source = parse_source(spec.model.source)
     quant = spec.quantization.method if spec.quantization else None
-    args = _llama_model_args(source, quant, "-m", "-hf", "-hff")
+    cached = model_entry(model)
+    args = ["-m", cached.file_path] if cached else _llama_model_args(source, quant, "-m", "-hf", "-hff")
     args += ["--host", "0.0.0.0", "--port", str(contract.ENGINE_PORT)]
     args += ["--alias", ",".join(served_names(model)), "--metrics"]
 
@@ -188,10 +224,12 @@ def llama_server_args(model: LLMModel) -> list[str]:
             args += ["-ngld", "all" if d.gpu_layers == -1 else str(d.gpu_layers)]
 
     mm = spec.multimodal
-    if "image" in spec.modalities and mm and mm.mmproj and mm.mmproj != "auto":
+    if "image" in spec.modalities and mm and mm.mmproj == "auto" and cached:
+        args += ["--mmproj", cached.mmproj_path]
+    elif "image" in spec.modalities and mm and mm.mmproj and mm.mmproj != "auto":
         proj = parse_source(mm.mmproj)
         args += ["--mmproj", proj.local_path] if proj.kind == "pvc" else ["-mmu", hf_file_url(proj)]
-    elif "image" not in spec.modalities and source.kind == "hf":
+    elif "image" not in spec.modalities and source.kind == "hf" and not cached:
         # -hf downloads a repository's projector by default; a text-only model must not pay for it.
         args.append("--no-mmproj")
     if mm and mm.image_max_tokens is not None:
@@ -204,6 +242,12 @@ def llama_server_args(model: LLMModel) -> list[str]:
         args += ["--reasoning", "on" if r.thinking == "enabled" else "off"]
     if r and r.chat_template_kwargs:
         args += ["--chat-template-kwargs", _json(r.chat_template_kwargs)]
+
+    if spec.adapters:
+        # Loaded at start with a global scale of 0, so a request that names no adapter gets the base
+        # model; the gateway applies the one a request names through its `lora` field. (Not
+        # --lora-init-without-apply: build b11434 ignores it and starts every adapter at scale 1.)
+        args += ["--lora-scaled", ",".join(f"{path}:0" for path in llama_adapter_paths(model))]
 
     return args + list(spec.extra_args or [])
 

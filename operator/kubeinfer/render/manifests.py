@@ -26,6 +26,7 @@ from kubeinfer.api.v1alpha1 import Autoscaling, LLMModel
 from kubeinfer.render.config import RenderConfig
 from kubeinfer.render.engines import engine_args, engine_command, served_names
 from kubeinfer.render.source import parse_source
+from kubeinfer.render.weights import cache_of
 
 Manifest = dict[str, Any]
 
@@ -36,6 +37,10 @@ _NON_POD_FIELDS = ("replicas", "autoscaling", "routing")
 def spec_hash(model: LLMModel) -> str:
     data = model.spec.model_dump(mode="json", by_alias=True, exclude_none=True, exclude=set(_NON_POD_FIELDS))
     data["__name"] = model.name  # the served name defaults to it
+    if model.spec.engine == "vllm" and "adapters" in data:
+        # vLLM loads and unloads adapters at run time (operator/adapters.py): only whether there are
+        # any (--enable-lora) shapes the pods. llama-server loads its list at start.
+        data["adapters"] = True
     blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:10]
 
@@ -85,6 +90,8 @@ def _env(model: LLMModel) -> list[dict[str, Any]]:
             {"name": "VLLM_NO_USAGE_STATS", "value": "1"},
             {"name": "DO_NOT_TRACK", "value": "1"},
         ]
+        if spec.adapters:  # enables /v1/load_lora_adapter and /v1/unload_lora_adapter
+            env.append({"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"})
     else:
         env += [{"name": "LLAMA_CACHE", "value": f"{contract.CACHE_MOUNT}/llama.cpp"}]
     ref = spec.model.token_secret_ref
@@ -102,6 +109,7 @@ def _pvc_claims(model: LLMModel) -> list[str]:
         sources.append(spec.speculative.model)
     if spec.multimodal and spec.multimodal.mmproj and spec.multimodal.mmproj != "auto":
         sources.append(spec.multimodal.mmproj)
+    sources += [a.source for a in spec.adapters or []]
     claims: list[str] = []
     for text in sources:
         if text and text.startswith("pvc://"):
@@ -157,6 +165,8 @@ def _container(model: LLMModel, config: RenderConfig) -> dict[str, Any]:
         mounts.append(
             {"name": f"pvc-{claim}", "mountPath": f"{contract.PVC_MOUNT_ROOT}/{claim}", "readOnly": True}
         )
+    if cache_of(model) is not None:
+        mounts.append({"name": "weights", "mountPath": contract.WEIGHTS_MOUNT, "readOnly": True})
     startup_period = 10
     container: dict[str, Any] = {
         "name": contract.ENGINE_CONTAINER,
@@ -196,6 +206,11 @@ def _pod_spec(model: LLMModel, config: RenderConfig) -> dict[str, Any]:
         volumes.append(
             {"name": f"pvc-{claim}", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
         )
+    cache = cache_of(model)
+    if cache is not None:
+        volumes.append(
+            {"name": "weights", "persistentVolumeClaim": {"claimName": cache.claim_name, "readOnly": True}}
+        )
     pod: dict[str, Any] = {
         "containers": [_container(model, config)],
         "volumes": volumes,
@@ -218,13 +233,22 @@ def _pod_spec(model: LLMModel, config: RenderConfig) -> dict[str, Any]:
 
 
 def pod_annotations(model: LLMModel) -> dict[str, str]:
-    return {
+    out = {
         contract.ANNOTATION_SERVED_NAME: model.served_name,
         contract.ANNOTATION_ALIASES: json.dumps(served_names(model)[1:]),
         contract.ANNOTATION_MODALITIES: json.dumps(list(model.spec.modalities)),
         contract.ANNOTATION_PORT: str(contract.ENGINE_PORT),
         contract.ANNOTATION_METRICS_PATH: contract.METRICS_PATH,
     }
+    if model.spec.engine == "llama-server" and model.spec.adapters:
+        # The adapters this pod loads, by llama-server's id (their order on the command line). vLLM
+        # pods carry none: their adapters change at run time, and the gateway reads /v1/models.
+        out[contract.ANNOTATION_ADAPTERS] = json.dumps(
+            [{"name": a.name, "id": i, "scale": a.scale if a.scale is not None else 1.0}
+             for i, a in enumerate(model.spec.adapters)],
+            separators=(",", ":"),
+        )  # fmt: skip
+    return out
 
 
 def merge_overlay(base: Any, overlay: Any) -> Any:
