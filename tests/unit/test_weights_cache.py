@@ -352,3 +352,16 @@ def test_vllm_adapter_changes_restart_nothing_but_llama_adapter_changes_do():
     dep = render(_model(l2), CONFIG)[0]
     ann = json.loads(dep["spec"]["template"]["metadata"]["annotations"][contract.ANNOTATION_ADAPTERS])
     assert ann == [{"name": "a", "id": 0, "scale": 1.0}, {"name": "b", "id": 1, "scale": 1.0}]
+
+
+def test_the_evict_job_runs_the_evict_command_on_the_claim(capsys):
+    from kubeinfer.cli import main
+
+    assert main(["weights", "evict-job", "-n", "ml", "--claim", "shared", "a--main--123", "b--v2--456"]) == 0
+    job = __import__("yaml").safe_load(capsys.readouterr().out)
+    pod = job["spec"]["template"]["spec"]
+    args = build_parser().parse_args(pod["containers"][0]["args"])
+    assert args.keys == ["a--main--123", "b--v2--456"] and str(args.root) == contract.WEIGHTS_MOUNT
+    assert pod["volumes"][0]["persistentVolumeClaim"] == {"claimName": "shared"}
+    assert job["metadata"]["namespace"] == "ml"
+    assert main(["weights", "evict-job", "-n", "ml", "../etc"]) == 1  # never a path out of the claim

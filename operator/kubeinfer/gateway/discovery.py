@@ -217,7 +217,7 @@ class Discovery:
             return
         model, endpoint = found
         key = self._key((pod.get("metadata") or {}).get("namespace", ""), model)
-        endpoint = Endpoint(id=endpoint.id, address=endpoint.address, model=key, ready=endpoint.ready)
+        endpoint = Endpoint(endpoint.id, endpoint.address, key, endpoint.ready, adapters=endpoint.adapters)
         pods = self.pods.setdefault(key, {})
         if kind == "DELETED":
             pods.pop(endpoint.id, None)

@@ -66,6 +66,12 @@ def _try_pick(state: State, entry: ModelEntry, route: RouteRequest, tried: froze
     return next(e for e in endpoints if e.id == decision.endpoint_id)
 
 
+def _adapter_served(state: State, entry: ModelEntry, adapter: str) -> bool:
+    """Whether a ready replica serves `adapter`, or no replica is ready (a cold start: wait for one)."""
+    ready = state.registry.ready_endpoints(entry.name)
+    return not ready or any(e.serves_adapter(adapter, state.loads.get(e.id)) for e in ready)
+
+
 async def _wait_for_another(
     state: State,
     entry: ModelEntry,
@@ -102,6 +108,14 @@ async def forward(
         queue = state.queues[entry.name] = ModelQueue()
     timeout = state.settings.hold_timeout or parse_duration(entry.routing.queue_timeout)
     queue_wait = 0.0
+    if req.adapter and not _adapter_served(state, entry, req.adapter):
+        # Ready replicas that do not serve the adapter (a vLLM replica that has not loaded it, or failed
+        # to): answer now rather than hold the model's queue, where it would block the base's requests.
+        state.errors.labels(entry.name, "adapter_not_loaded").inc()
+        what = f"adapter `{model}` is not loaded on a ready replica of `{entry.served_name}` yet"
+        return error(
+            503, what, "service_unavailable", code="adapter_not_loaded", headers={"Retry-After": "2"}
+        )
     if not state.registry.has_ready(entry.name):
         state.registry.wake(entry)  # at zero replicas: ask for one now; this request waits for it
     for attempt in range(state.settings.retries + 1):

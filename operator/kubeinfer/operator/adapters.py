@@ -53,13 +53,9 @@ def _message(status: int, text: str) -> str:
 
 
 async def _sync_one(
-    session: aiohttp.ClientSession,
-    ip: str,
-    base: str,
-    wanted: dict[str, str],
-    reports: dict[str, AdapterReport],
+    session: aiohttp.ClientSession, address: str, wanted: dict[str, str], reports: dict[str, AdapterReport]
 ) -> None:
-    url = f"http://{ip}:{contract.ENGINE_PORT}"
+    url = f"http://{address}"
     async with session.get(f"{url}/v1/models", timeout=READ_TIMEOUT) as resp:
         if resp.status != 200:
             return
@@ -81,20 +77,22 @@ async def _sync_one(
         body = {"lora_name": name}
         async with session.post(f"{url}/v1/unload_lora_adapter", json=body, timeout=READ_TIMEOUT) as resp:
             if resp.status not in (200, 404):
-                _log.warning(
-                    "unloading adapter %s from %s: %s", name, ip, _message(resp.status, await resp.text())
-                )
+                text = await resp.text()
+                _log.warning("unloading adapter %s from %s: %s", name, address, _message(resp.status, text))
 
 
-def ready_pod_ips(pods: list[dict[str, Any]]) -> list[str]:
+def ready_pod_addresses(pods: list[dict[str, Any]]) -> list[str]:
+    """host:port of each ready, running pod's engine (the port as the gateway reads it)."""
     out = []
     for pod in pods:
-        st = pod.get("status") or {}
+        st, meta = pod.get("status") or {}, pod.get("metadata") or {}
         ready = any(
             c.get("type") == "Ready" and c.get("status") == "True" for c in st.get("conditions") or []
         )
-        if ready and st.get("podIP") and not (pod.get("metadata") or {}).get("deletionTimestamp"):
-            out.append(str(st["podIP"]))
+        if ready and st.get("podIP") and not meta.get("deletionTimestamp"):
+            port = (meta.get("annotations") or {}).get(contract.ANNOTATION_PORT, str(contract.ENGINE_PORT))
+            ip = str(st["podIP"])
+            out.append(f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}")
     return out
 
 
@@ -102,15 +100,14 @@ async def sync(model: LLMModel, pods: list[dict[str, Any]]) -> list[AdapterRepor
     """Bring every ready replica of a vLLM model to its spec's adapters; a report per adapter."""
     wanted = {a.name: adapter_path(model, a.name) or "" for a in model.spec.adapters or []}
     reports = {name: AdapterReport(name) for name in wanted}
-    ips = ready_pod_ips(pods)
-    if not ips:
+    addresses = ready_pod_addresses(pods)
+    if not addresses:
         return list(reports.values())
     async with aiohttp.ClientSession() as session:
         results = await asyncio.gather(
-            *(_sync_one(session, ip, model.served_name, wanted, reports) for ip in ips),
-            return_exceptions=True,
+            *(_sync_one(session, a, wanted, reports) for a in addresses), return_exceptions=True
         )
-    for ip, result in zip(ips, results, strict=True):
+    for address, result in zip(addresses, results, strict=True):
         if isinstance(result, BaseException):  # a replica going away, a timeout: the next pass retries
-            _log.info("adapters of %s/%s on %s: %s", model.namespace, model.name, ip, result)
+            _log.info("adapters of %s/%s on %s: %s", model.namespace, model.name, address, result)
     return list(reports.values())

@@ -36,6 +36,10 @@ DEFAULT_GGUF_QUANT = "Q4_K_M"
 # Job's podFailurePolicy fails the Job at once on them instead of trying backoffLimit more pods.
 PERMANENT_EXIT_CODES = (10, 11, 12, 13, 14)
 FETCH_BACKOFF_LIMIT = 4
+# A finished download Job is removed after an hour. Models that saw it complete keep that in their
+# status; a model that comes later runs a new Job, which finds the entry complete and downloads
+# nothing (or fetches it again if it was evicted), and a failed download is thus retried hourly.
+FETCH_JOB_TTL_SECONDS = 3600
 
 Role = Literal["model", "adapter"]
 
@@ -267,6 +271,7 @@ def fetch_job(model: LLMModel, entry: CacheEntry, config: RenderConfig) -> dict[
         },
         "spec": {
             "backoffLimit": FETCH_BACKOFF_LIMIT,
+            "ttlSecondsAfterFinished": FETCH_JOB_TTL_SECONDS,
             # A missing repository, a gated one without a token, a quant the repository lacks, a full
             # disk: another pod would fail the same way, so the Job fails at once and says why.
             "podFailurePolicy": {
@@ -302,3 +307,39 @@ def cache_objects(model: LLMModel, config: RenderConfig) -> list[dict[str, Any]]
     if claim is None or cache is None:
         return []
     return [claim, *(fetch_job(model, e, config) for e in entries(model))]
+
+
+def evict_job(namespace: str, claim: str, keys: list[str], config: RenderConfig) -> dict[str, Any]:
+    """A Job that removes cache entries from the claim (`kubeinfer weights evict`): the documented
+    way to free the space of entries no model uses any more (docs/operator.md, "Weight cache")."""
+    digest = hashlib.sha256("\0".join([claim, *sorted(keys)]).encode()).hexdigest()[:12]
+    container: dict[str, Any] = {
+        "name": "evict",
+        "image": config.image_for("kubeinfer"),
+        "imagePullPolicy": config.image_pull_policy,
+        "command": ["kubeinfer"],
+        "args": ["weights", "evict", "--root", contract.WEIGHTS_MOUNT, *keys],
+        "volumeMounts": [{"name": "weights", "mountPath": contract.WEIGHTS_MOUNT}],
+    }
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": f"kubeinfer-evict-{digest}",
+            "namespace": namespace,
+            "labels": _cache_labels(claim),
+        },
+        "spec": {
+            "backoffLimit": 2,
+            "ttlSecondsAfterFinished": FETCH_JOB_TTL_SECONDS,
+            "template": {
+                "metadata": {"labels": _cache_labels(claim)},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "containers": [container],
+                    "volumes": [{"name": "weights", "persistentVolumeClaim": {"claimName": claim}}],
+                    "enableServiceLinks": False,
+                },
+            },
+        },
+    }

@@ -1,8 +1,10 @@
-"""`kubeinfer weights fetch | evict`: fill and empty the shared weight cache (what the cache Job runs)."""
+"""`kubeinfer weights fetch | evict | evict-job`: fill and empty the shared weight cache (fetch and evict
+run in the cache's Jobs; evict-job prints such a Job)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from kubeinfer.cliutil import CLIError
@@ -37,6 +39,21 @@ def cmd_evict(args: argparse.Namespace) -> int:
     from kubeinfer.weights.fetch import evict
 
     return evict(args.root, args.keys)
+
+
+def cmd_evict_job(args: argparse.Namespace) -> int:
+    import yaml
+
+    from kubeinfer.render.config import load_config
+    from kubeinfer.render.weights import evict_job
+    from kubeinfer.weights.fetch import valid_key
+
+    for key in args.keys:
+        if not valid_key(key):
+            raise CLIError(f"{key!r} is not a cache entry key")
+    job = evict_job(args.namespace, args.claim, list(args.keys), load_config(args.config))
+    sys.stdout.write(yaml.safe_dump(job, sort_keys=False))
+    return 0
 
 
 def _positive_int(value: str) -> int:
@@ -95,3 +112,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     e.add_argument("--root", required=True, type=Path, help="the cache's root folder")
     e.add_argument("keys", nargs="+", metavar="KEY")
     e.set_defaults(func=cmd_evict)
+
+    j = wsub.add_parser(
+        "evict-job",
+        help="print a Job that evicts cache entries from a cache claim (pipe it to kubectl apply -f -)",
+        description="Print a Job that runs `kubeinfer weights evict` on the cache claim. KEY is an entry's "
+        "directory, as status.weights.entries[].key of the models that use it shows. Evict only entries no "
+        "model uses: a replica that starts later would not find its files.",
+    )
+    j.add_argument("-n", "--namespace", required=True, help="the namespace of the cache claim")
+    j.add_argument("--claim", default="kubeinfer-weights", help="the cache claim (default kubeinfer-weights)")
+    j.add_argument("--config", help="operator configuration file (for the kubeinfer image)")
+    j.add_argument("keys", nargs="+", metavar="KEY")
+    j.set_defaults(func=cmd_evict_job)
