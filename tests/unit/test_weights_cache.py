@@ -16,6 +16,7 @@ from kubeinfer.operator.status import Observed, compute_status, transitions
 from kubeinfer.operator.weightstate import (
     EntryState,
     entry_state,
+    progress_milestone,
     ready_in_status,
     weights_condition,
     weights_status,
@@ -365,3 +366,15 @@ def test_the_evict_job_runs_the_evict_command_on_the_claim(capsys):
     assert pod["volumes"][0]["persistentVolumeClaim"] == {"claimName": "shared"}
     assert job["metadata"]["namespace"] == "ml"
     assert main(["weights", "evict-job", "-n", "ml", "../etc"]) == 1  # never a path out of the claim
+
+
+def test_events_mark_each_quarter_of_a_download_once():
+    def w(done, total=100, phase="Downloading"):
+        return {"phase": phase, "bytesDone": done, "bytesTotal": total, "summary": f"{done}%"}
+
+    assert progress_milestone(None, w(10)) is None
+    assert progress_milestone(w(10), w(30)) == "25% of the weights downloaded: 30%"
+    assert progress_milestone(w(30), w(40)) is None  # the same quarter: no second Event
+    assert progress_milestone(w(40), w(80)).startswith("75%")  # type: ignore[union-attr]
+    assert progress_milestone(w(80), w(100, phase="Ready")) is None  # done: the Cached Event says it
+    assert progress_milestone(w(80), None) is None

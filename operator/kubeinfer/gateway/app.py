@@ -32,7 +32,7 @@ from kubeinfer.gateway.request import error, parse_duration
 from kubeinfer.gateway.routing import Load
 from kubeinfer.gateway.scrape import ScrapeError, loaded_adapters, parse_metrics
 from kubeinfer.gateway.state import GatewaySettings, State
-from kubeinfer.gateway.upstream import AiohttpUpstream, Upstream, UpstreamError
+from kubeinfer.gateway.upstream import PooledUpstream, Upstream, UpstreamError
 
 __all__ = ["PROXIED", "GatewaySettings", "State", "create_app", "error", "parse_duration", "scrape_once"]
 
@@ -245,8 +245,8 @@ def create_app(
     keys: KeyStore | None = None,
     ready: Callable[[], bool] | None = None,
 ) -> GatewayApp:
-    """The ASGI app. Replicas are reached with aiohttp unless `upstream` makes another client (tests
-    play the replicas in memory), called inside the app's event loop. `discover`, if given, runs for the app's
+    """The ASGI app. Replicas are reached with `PooledUpstream` (gateway/upstream.py) unless `upstream`
+    makes another client (aiohttp; tests play the replicas in memory), called inside the app's event loop. `discover`, if given, runs for the app's
     lifetime and keeps the registry current (Kubernetes discovery)."""
     settings = settings or GatewaySettings()
 
@@ -256,7 +256,7 @@ def create_app(
         if upstream is not None:
             client = upstream(settings)
         else:
-            client = AiohttpUpstream(settings.connect_timeout, settings.read_timeout)
+            client = PooledUpstream(settings.connect_timeout, settings.read_timeout)
         state = State(
             registry=registry, settings=settings, upstream=client, metrics=metrics or CollectorRegistry(),
             keys=keys or KeyStore(),

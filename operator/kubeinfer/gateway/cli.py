@@ -13,7 +13,6 @@ from kubeinfer.cliutil import CLIError
 
 def cmd_gateway(args: argparse.Namespace) -> int:
     import prometheus_client
-    import uvicorn
 
     from kubeinfer.gateway import logs
     from kubeinfer.gateway.app import create_app
@@ -57,9 +56,48 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     metrics = prometheus_client.CollectorRegistry()
     if args.metrics_port:  # the same registry is also served at /metrics on the API port
         prometheus_client.start_http_server(args.metrics_port, registry=metrics)
-    app = create_app(registry, settings, metrics=metrics, discover=discover, keys=keys, ready=ready)
-    uvicorn.run(app, host=args.host, port=args.port, **uvicorn_options(config))
+    upstream = None
+    if config.upstream_client == "aiohttp":
+        from kubeinfer.gateway.upstream import AiohttpUpstream
+
+        def upstream(s: Any) -> Any:
+            return AiohttpUpstream(s.connect_timeout, s.read_timeout)
+
+    app = create_app(
+        registry, settings, upstream=upstream, metrics=metrics, discover=discover, keys=keys, ready=ready
+    )
+    serve(app, args.host, args.port, config)
     return 0
+
+
+def serve(app: Any, host: str, port: int, config: Any) -> None:
+    """Run the app on the configured HTTP server until SIGTERM or SIGINT."""
+    if config.server == "uvicorn":
+        import uvicorn
+
+        uvicorn.run(app, host=host, port=port, **uvicorn_options(config))
+    elif config.server == "granian":
+        _serve_granian(app, host, port, config)
+    else:
+        from kubeinfer.gateway import httpserver
+
+        httpserver.run(app, host, port, keep_alive_timeout=config.keep_alive_timeout)
+
+
+def _serve_granian(app: Any, host: str, port: int, config: Any) -> None:
+    """granian's embedded server (Rust, hyper) in this process's event loop, ASGI interface."""
+    import uvloop
+    from granian.constants import HTTPModes, Interfaces
+    from granian.server.embed import Server
+
+    async def main() -> None:
+        server = Server(
+            app, address=host, port=port, interface=Interfaces.ASGI, http=HTTPModes.http1,
+            websockets=False, backlog=2048, log_enabled=False,
+        )  # fmt: skip
+        await server.serve()
+
+    uvloop.run(main())
 
 
 def gateway_settings(config: Any) -> Any:
@@ -121,7 +159,7 @@ class _RouteLimits(argparse.Action):
 GATEWAY_FLAGS = frozenset(
     {"scrape_interval", "scrape_timeout", "hold_timeout", "retries", "max_body_bytes", "auth",
      "keys_namespace", "log_format", "access_log", "max_body_bytes_by_route", "max_header_bytes",
-     "body_timeout", "max_concurrent_per_client", "keep_alive_timeout"}
+     "body_timeout", "max_concurrent_per_client", "keep_alive_timeout", "server", "upstream_client"}
 )  # fmt: skip
 
 
@@ -152,6 +190,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="in-flight requests per API key (per address when anonymous), else 429 (no limit)",
     )  # fmt: skip
     p.add_argument("--keep-alive-timeout", type=float, help="seconds an idle client connection stays (5)")
+    p.add_argument(
+        "--server", choices=("kubeinfer", "uvicorn", "granian"),
+        help="HTTP server: kubeinfer's own (default), uvicorn (the earlier one) or granian",
+    )  # fmt: skip
+    p.add_argument(
+        "--upstream-client", choices=("kubeinfer", "aiohttp"),
+        help="client to the replicas: kubeinfer's own HTTP/1.1 pool (default) or aiohttp",
+    )  # fmt: skip
     p.add_argument(
         "--auth", choices=("auto", "keys", "anonymous"),
         help="keys: every request needs an API key; anonymous: none; auto (default): anonymous until "

@@ -245,13 +245,31 @@ async def respond(
         started = True
         try:
             feed = relay.feed
-            async for chunk in upstream.chunks():
-                out = feed(chunk)
-                if out:
+            pump = getattr(upstream, "pump", None)
+            client = getattr(send, "__self__", None)  # the server's request, when it is ours
+            write = getattr(client, "write_body", None) if pump is not None else None
+            if write is not None:
+                # Our server and our client: each chunk goes from the replica's socket callback to the
+                # client's socket, with no ASGI message and no task wake-up (docs/gateway.md).
+                def sink(chunk: bytes) -> bool:
+                    out = feed(chunk)
+                    if not out:
+                        return False
                     if trace.first_chunk is None:
                         trace.first_chunk = time.monotonic()
                         state.ttft_for(model, replica).observe(trace.first_chunk - trace.arrived)
-                    await send({"type": "http.response.body", "body": out, "more_body": True})
+                    return bool(write(out))
+
+                client.on_drain = upstream.resume  # type: ignore[union-attr]
+                await pump(sink)
+            else:
+                async for chunk in upstream.chunks():
+                    out = feed(chunk)
+                    if out:
+                        if trace.first_chunk is None:
+                            trace.first_chunk = time.monotonic()
+                            state.ttft_for(model, replica).observe(trace.first_chunk - trace.arrived)
+                        await send({"type": "http.response.body", "body": out, "more_body": True})
             tail = relay.end()
         except (UpstreamError, ValueError) as exc:
             # Too late for a status code: tell an SSE client in-band, as OpenAI's API does; a JSON

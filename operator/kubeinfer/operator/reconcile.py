@@ -22,7 +22,7 @@ from kubeinfer.api.v1alpha1 import LLMModel
 from kubeinfer.estimate import estimate
 from kubeinfer.operator import adapters, weights
 from kubeinfer.operator.status import ChildProblem, Observed, compute_status, status_changed, transitions
-from kubeinfer.operator.weightstate import EntryState, ready_in_status
+from kubeinfer.operator.weightstate import EntryState, progress_milestone, ready_in_status
 from kubeinfer.render.config import RenderConfig
 from kubeinfer.render.manifests import render, spec_hash
 
@@ -257,6 +257,9 @@ async def reconcile(
     if status_changed(previous, status):
         await kube.patch_model_status(api, ns, name, status)
     news = transitions(previous, status)
+    milestone = progress_milestone(previous.get("weights"), status.get("weights"))
+    if milestone:
+        news.append(("WeightsReady", "Downloading", milestone))
     for s in cached:
         if s.created:
             news.append(("WeightsReady", "DownloadStarted", f"downloading {s.entry.source} with Job {s.job}"))

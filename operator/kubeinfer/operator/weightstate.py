@@ -158,3 +158,20 @@ def weights_condition(states: list[EntryState]) -> tuple[str, str, str] | None:
     names = ", ".join(s.entry.source for s in waiting)
     reason = "Downloading" if any(s.phase == "Downloading" for s in waiting) else "DownloadPending"
     return "False", reason, f"fetching {names}: {line}"[:1000]
+
+
+def progress_milestone(previous: dict[str, Any] | None, current: dict[str, Any] | None) -> str | None:
+    """An Event's message when a download passes 25, 50 or 75 % (pure): progress for `kubectl
+    describe` and event sinks, without an Event per poll."""
+
+    def quarter(w: dict[str, Any] | None) -> int:
+        w = w or {}
+        total = int(w.get("bytesTotal") or 0)
+        return (
+            4 * int(w.get("bytesDone") or 0) // total if total > 0 and w.get("phase") == "Downloading" else 0
+        )
+
+    q = quarter(current)
+    if current is None or not 0 < q < 4 or q <= quarter(previous):
+        return None
+    return f"{25 * q}% of the weights downloaded: {current.get('summary', '')}"
