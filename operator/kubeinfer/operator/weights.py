@@ -70,10 +70,12 @@ async def observe(
         created = False
         if job is not None and job_phase(job) == "Failed" and spec_changed and last.get("phase") == "Failed":
             await kube.delete_job(api, model.namespace, name)
-            job = None  # created again below once the old one is gone (a later pass, if not yet)
-            if await kube.get_job(api, model.namespace, name) is not None:
-                out.append(EntryState(entry, "Pending", name, progress.Progress()))
-                continue
+            job = await kube.get_job(api, model.namespace, name)
+        if job is not None and (job.get("metadata") or {}).get("deletionTimestamp"):
+            # Being deleted (the retry above, or by hand): a later pass creates it again once it is gone;
+            # Pending keeps this model on the progress poll until then.
+            out.append(EntryState(entry, "Pending", name, progress.Progress()))
+            continue
         if job is None:
             job = await kube.create_job(api, fetch_job(model, entry, config))
             created = True
