@@ -77,9 +77,10 @@ def test_llama_server_requests_carry_the_pods_own_adapter_id_and_scale() -> None
     assert listed["legal"]["parent"] == "base" and listed["pirate"]["root"] == "base"
     assert "parent" not in listed["base"]
     bodies = [b for _, b in engines.bodies]
-    assert "lora" not in bodies[0]  # the base: global scale 0 on the engine
-    assert bodies[1]["lora"] == [{"id": 1, "scale": 0.5}]
-    assert bodies[2]["lora"] == [{"id": 0, "scale": 1.0}]
+    # Every adapter, always: the one named at its scale, the others (all, for the base) at 0.
+    assert bodies[0]["lora"] == [{"id": 0, "scale": 0.0}, {"id": 1, "scale": 0.0}]
+    assert bodies[1]["lora"] == [{"id": 0, "scale": 0.0}, {"id": 1, "scale": 0.5}]
+    assert bodies[2]["lora"] == [{"id": 0, "scale": 1.0}, {"id": 1, "scale": 0.0}]
     assert bodies[2]["model"] == "pirate"  # the client's name is kept (llama-server ignores it)
 
 
@@ -210,3 +211,34 @@ def test_an_adapter_never_shadows_a_model_name() -> None:
     reg.set_model(ModelEntry(name="b", served_name="b", adapters=("shared", "only-b")), [])
     assert reg.resolve("shared").name == "a" and reg.adapter_for("shared") is None  # type: ignore[union-attr]
     assert reg.resolve("only-b").name == "b" and reg.adapter_for("only-b") == "only-b"  # type: ignore[union-attr]
+
+
+def test_discovery_keeps_what_the_pod_says_about_its_adapters_and_stage() -> None:
+    """The watch path (Discovery.on_pod), not only the parser: it once rebuilt each replica without
+    its adapters, and every llama-server adapter request then waited for a replica that served it."""
+    from kubeinfer.gateway.discovery import Discovery
+
+    reg = Registry()
+    d = Discovery(api=None, registry=reg)  # type: ignore[arg-type]
+    d.on_model(
+        "ADDED",
+        {"metadata": {"name": "m", "namespace": "ml"},
+         "spec": {"engine": "llama-server", "model": {"source": "org/r:Q4_K_M", "servedName": "base"},
+                  "adapters": [{"name": "x", "source": "pvc://l/x.gguf"}]}},
+    )  # fmt: skip
+    ready = {
+        "metadata": {"name": "p", "namespace": "ml", "labels": {contract.LABEL_MODEL: "m"},
+                     "annotations": {contract.ANNOTATION_ADAPTERS: '[{"name":"x","id":0,"scale":1.0}]'}},
+        "status": {"podIP": "10.0.0.9", "conditions": [{"type": "Ready", "status": "True"}]},
+    }  # fmt: skip
+    d.on_pod("ADDED", ready)
+    (ep,) = reg.ready_endpoints("ml/m")
+    assert ep.adapters == (("x", 0, 1.0),) and ep.model == "ml/m"
+    assert reg.resolve("x") is not None and reg.adapter_for("x") == "x"
+    starting = {**ready, "metadata": {**ready["metadata"], "name": "q"},
+                "status": {"podIP": "10.0.0.8", "phase": "Pending",
+                           "conditions": [{"type": "PodScheduled", "status": "True"}],
+                           "containerStatuses": [{"state": {"running": {}}}]}}  # fmt: skip
+    d.on_pod("ADDED", starting)
+    assert "q: engine loading the weights" in reg.progress("ml/m") or reg.has_ready("ml/m")
+    assert next(e for e in reg.endpoints["ml/m"] if e.id == "q").phase == "engine loading the weights"

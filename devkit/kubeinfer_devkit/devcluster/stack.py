@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from kubeinfer import contract
-from kubeinfer_devkit.devcluster import procs
+from kubeinfer_devkit.devcluster import localhub, procs
 from kubeinfer_devkit.devcluster.stackstate import (
     DEFAULT_GATEWAY_PORT,
     MODELS_CLAIM,
@@ -87,9 +87,12 @@ def summary(layout: Layout, model: str = "tiny-gguf") -> str:
         f"  gateway (OpenAI API): {url}/v1",
         f"  export KUBECONFIG={layout.kubeconfig} PATH={kubectl_dir}:$PATH",
         f"  models (claim {MODELS_CLAIM}): {layout.claim_dir(MODELS_CLAIM)}",
+        f"  Hugging Face Hub (the download Jobs' HF_ENDPOINT): {info.get('hub', '-')}, repos "
+        f"{localhub.ORG}/..., gated ones with the token {localhub.TOKEN}",
         f"  logs: {layout.logs}, pods: {layout.node / 'pods'}",
         "try:",
         "  kubectl apply -f examples/tiny-gguf-cpu.yaml && kubectl get llm -w",
+        "  kubectl apply -f examples/tiny-gguf-cached.yaml   # weights and LoRA adapters from the Hub",
         f"  curl -s {url}/v1/chat/completions -H 'content-type: application/json' -d {shlex.quote(body)}",
         f"  python -c {shlex.quote(sdk)}",
         "stop: kubeinfer down",

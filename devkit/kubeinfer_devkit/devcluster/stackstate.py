@@ -3,10 +3,13 @@
 ::
 
     stack.json, stack.lock        what runs (pids, URLs), held by the supervisor while it lives
-    logs/                         stack.log (the supervisor), node-agent, operator, gateway
+    logs/                         stack.log (supervisor), node-agent, operator, gateway, hub (its requests)
+    operator.yaml                 the operator's and node agent's configuration: hfEndpoint, the Hub
+    hub/kubeinfer-local/<name>/   the Hub's repositories: the tiny models and LoRA adapters (localhub.py)
     controlplane/                 kubeconfig, pki/, etcd/, logs/ of the control-plane components
     node/pods/<ns>_<pod>_<uid>/   each pod's container logs (<container>/<restart>.log), scratch volumes
     volumes/pvc/kubeinfer-models/ the "PVC" of pvc://kubeinfer-models/...: the tiny models, generated
+    volumes/pvc/pvc-<uid>_<ns>_<claim>/  a volume the provisioner made for a claim of the default class
 
 The supervisor holds a lock on ``stack.lock`` while it lives (:func:`running`) and writes its status
 and process ids to ``stack.json`` (:meth:`Layout.write`).
@@ -49,6 +52,8 @@ class Layout:
         self.kubeconfig = self.controlplane / "kubeconfig"
         self.node = self.root / "node"
         self.volumes = self.root / "volumes" / "pvc"
+        self.hub = self.root / "hub"
+        self.operator_config = self.root / "operator.yaml"
 
     def claim_dir(self, claim: str) -> Path:
         return self.volumes / claim

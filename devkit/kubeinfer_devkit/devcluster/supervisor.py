@@ -2,11 +2,13 @@
 
 It starts, in this order: etcd, kube-apiserver, kube-controller-manager, kube-scheduler
 (:class:`~kubeinfer_devkit.devcluster.controlplane.ControlPlane`), the node agent
-(:mod:`kubeinfer_devkit.devcluster.nodeagent`, which runs the engine pods), the operator
-(`kubeinfer operator`) and the gateway (`kubeinfer gateway`, Kubernetes discovery). It restarts the
-node agent, operator or gateway if one exits, and stops them all, newest first, on SIGTERM. Every
-child dies with the supervisor (see :mod:`kubeinfer_devkit.devcluster.procs`). It holds the stack
-lock while it lives and records its progress and processes in the state directory
+(:mod:`kubeinfer_devkit.devcluster.nodeagent`, which runs the engine pods), the local Hugging Face
+Hub (:mod:`kubeinfer_devkit.devcluster.localhub`: the tiny models and adapters as Hub repositories,
+which the weight cache's download Jobs fetch from), the operator (`kubeinfer operator`, configured
+with the Hub as `hfEndpoint`) and the gateway (`kubeinfer gateway`, Kubernetes discovery). It
+restarts the node agent, Hub, operator or gateway if one exits, and stops them all, newest first, on
+SIGTERM. Every child dies with the supervisor (see :mod:`kubeinfer_devkit.devcluster.procs`). It
+holds the stack lock while it lives and records its progress and processes in the state directory
 (:mod:`kubeinfer_devkit.devcluster.stackstate`); `kubeinfer up` (:mod:`kubeinfer_devkit.devcluster.stack`)
 starts it detached and follows that.
 
@@ -32,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from kubeinfer_devkit.devcluster import procs
+from kubeinfer_devkit.devcluster import localhub, procs, provisioner
 from kubeinfer_devkit.devcluster.controlplane import _port_free
 from kubeinfer_devkit.devcluster.podplan import NODE_NAME
 from kubeinfer_devkit.devcluster.stackstate import (
@@ -52,9 +54,9 @@ DISABLED_CONTROLLERS = (
     "endpointslice-controller",
     "endpointslice-mirroring-controller",
 )
-RESTARTED = ("node-agent", "operator", "gateway")  # what the supervisor brings back if it exits
-TINY_GGUF = "tiny-llama.gguf"
-TINY_HF = "tiny-llama-hf"
+RESTARTED = ("node-agent", "hub", "operator", "gateway")  # what the supervisor brings back if it exits
+TINY_GGUF = localhub.TINY_GGUF
+TINY_HF = localhub.TINY_HF
 
 
 def _http_ok(url: str) -> bool:
@@ -76,6 +78,7 @@ class Stack:
         self.llama_server: Path | None = None
         self.started = time.monotonic()
         self._gateway_port_chosen = False  # see _gateway_url_once
+        self.hub_port = 0  # chosen once per run (the operator's configuration names it)
 
     # -- start --------------------------------------------------------------------------------------
 
@@ -101,7 +104,7 @@ class Stack:
 
         self.cp = ControlPlane(
             lay.controlplane, binaries=binaries, with_kwok=False, reuse_state=True,
-            node_users=[NODE_NAME], disabled_controllers=DISABLED_CONTROLLERS,
+            node_users=[NODE_NAME], users=[provisioner.USER], disabled_controllers=DISABLED_CONTROLLERS,
         )  # fmt: skip
         self.cp.start()
         self._record()
@@ -110,11 +113,18 @@ class Stack:
         for path, gen in generators:
             if gen.wait() != 0:
                 say(f"WARNING: generating {path.name} failed; see {self.layout.logs / 'tinymodels.log'}")
+        # The Hub's repositories (links of the tiny models, generated adapters): beside the node's start.
+        lay.hub.mkdir(parents=True, exist_ok=True)
+        hub_build = localhub.start_build(lay.hub, lay.claim_dir(MODELS_CLAIM), lay.logs)
+        self._write_operator_config()
         since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self._start_child("node-agent")
         agent = self.children["node-agent"]
         t = procs.wait_until(f"node {NODE_NAME} Ready", lambda: self._node_ready(since), 120, child=agent)
         say(f"node {NODE_NAME} Ready after {t:.1f}s")
+        if hub_build.wait() != 0:
+            say(f"WARNING: building the Hub's repositories failed; see {lay.logs / localhub.LOG}")
+        self._start_child("hub")
         self._start_child("operator")
         self._start_child("gateway")
         lay.write(
@@ -126,6 +136,23 @@ class Stack:
     @property
     def gateway_url(self) -> str:
         return f"http://127.0.0.1:{self.gateway_port}"
+
+    @property
+    def hub_url(self) -> str:
+        return f"http://127.0.0.1:{self.hub_port}"
+
+    def _write_operator_config(self) -> None:
+        """The Hub's port (the last run's, if free) and the operator configuration that names it."""
+        from kubeinfer_devkit.devcluster.local import free_port
+
+        port = int(self.layout.read().get("hubPort") or 0)
+        self.hub_port = port if port and _port_free(port) else free_port()
+        self.layout.write(hubPort=self.hub_port, hub=self.hub_url)
+        config = {"hfEndpoint": self.hub_url}  # the download Jobs' HF_ENDPOINT; the rest: defaults
+        self.layout.operator_config.write_text(
+            "# Written by `kubeinfer up`: the operator's configuration on the local stack.\n"
+            + yaml.safe_dump(config)
+        )
 
     def _tiny_models(self) -> list[tuple[Path, subprocess.Popen[bytes]]]:
         """Start generating the examples' tiny random-weight models into the claim's directory."""
@@ -164,6 +191,7 @@ class Stack:
         cfg = await kube.load_client_config(str(self.layout.kubeconfig))
         async with kube.api_client(cfg) as api:
             await kube.install_crd(api, crd())
+            await provisioner.install(api)  # the default StorageClass; the node agent provisions it
         ensure_claim(self.cp.kubectl, self.layout, NAMESPACE, MODELS_CLAIM)
 
     def _node_ready(self, since: str) -> bool:
@@ -190,10 +218,19 @@ class Stack:
                 kubeconfig,
                 "--state-dir",
                 str(self.layout.node),
+                "--provisioner-kubeconfig",
+                str(self.cp.user_kubeconfig(provisioner.USER)),
+                "--volumes-dir",
+                str(self.layout.volumes),
+                "--config",
+                str(self.layout.operator_config),
             ]
             if self.llama_server is not None:
                 argv += ["--llama-server", str(self.llama_server)]
             return argv, None
+        if name == "hub":
+            hub_port = self.hub_port
+            return localhub.server_argv(self.layout.hub, hub_port), lambda: localhub.listening(hub_port)
         if name == "operator":
             port = self.layout.read().get("operatorPort") or 0
             if not port or not _port_free(port):
@@ -202,7 +239,8 @@ class Stack:
                 port = free_port()
                 self.layout.write(operatorPort=port)
             # The builtin autoscaler reads the load from the stack's one gateway (no gateway pods here).
-            argv = [*py, "kubeinfer.cli", "operator", "--liveness-host", "127.0.0.1",
+            argv = [*py, "kubeinfer.cli", "operator", "--config", str(self.layout.operator_config),
+                    "--liveness-host", "127.0.0.1",
                     "--liveness-port", str(port), "--refresh-seconds", "10",
                     "--gateway-url", self._gateway_url_once(),
                     # Quicker than a cluster's defaults (10 s, 60 s): a laptop stack reacts in seconds.
@@ -272,7 +310,7 @@ class Stack:
     def stop(self) -> None:
         if self.layout.read().get("status") != "failed":
             self.layout.write(status="stopping")
-        for name in ("gateway", "operator", "node-agent"):  # newest first; the agent stops the engines
+        for name in ("gateway", "operator", "hub", "node-agent"):  # newest first; the agent stops the engines
             child = self.children.pop(name, None)
             if child is not None:
                 say(f"stopping {name}")

@@ -12,6 +12,7 @@ Secrets labelled as API keys are watched too, so a new, rotated or deleted key t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -217,7 +218,7 @@ class Discovery:
             return
         model, endpoint = found
         key = self._key((pod.get("metadata") or {}).get("namespace", ""), model)
-        endpoint = Endpoint(endpoint.id, endpoint.address, key, endpoint.ready, adapters=endpoint.adapters)
+        endpoint = dataclasses.replace(endpoint, model=key)  # everything the pod says, under the model's key
         pods = self.pods.setdefault(key, {})
         if kind == "DELETED":
             pods.pop(endpoint.id, None)

@@ -43,6 +43,9 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 RETRY_STATUSES = {502, 503, 504}
 _DROP_WITH_TYPE = DROP_HEADERS | {"content-type"}  # a translated body has its own content type
+# A JSON body passed through unchanged keeps the replica's length: the server then writes the head and
+# the body in one write instead of chunks (two more writes per request).
+_DROP_KEEP_LENGTH = frozenset(DROP_HEADERS - {"content-length"})
 
 
 def _try_pick(state: State, entry: ModelEntry, route: RouteRequest, tried: frozenset[str]) -> Endpoint | None:
@@ -158,7 +161,7 @@ async def forward(
             url = f"http://{endpoint.address}/v1/{req.path}"
         started = time.monotonic()
         try:
-            raw = with_lora(req.raw, req.adapter, endpoint) if req.adapter and endpoint.adapters else req.raw
+            raw = with_lora(req.raw, req.adapter, endpoint) if endpoint.adapters else req.raw
             upstream = await state.upstream.post(url, req.headers, raw)
         except UpstreamError as exc:
             state.release(entry.name, endpoint.id)
@@ -216,7 +219,12 @@ async def respond(
     """Relay the upstream response to the client, then release the slot and account for it.
     `head_sent`: the status line went out already (a stream held through a cold start)."""
     model, replica = trace.model.name, trace.replica
-    drop = _DROP_WITH_TYPE if relay.content_type else DROP_HEADERS
+    if relay.content_type:
+        drop = _DROP_WITH_TYPE
+    elif type(relay) is PlainJSON and not head_sent:
+        drop = _DROP_KEEP_LENGTH
+    else:
+        drop = DROP_HEADERS
     headers = []
     for k, v in upstream.headers:
         name = k.lower()

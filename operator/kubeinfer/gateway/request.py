@@ -142,13 +142,18 @@ class Prepared:
     """The LoRA adapter the client named as `model`, if any (routing and the usage ledger)."""
 
 
-def with_lora(raw: bytes, adapter: str, endpoint: Endpoint) -> bytes:
-    """The body for a llama-server replica: its own id of the adapter, applied to this request only
-    (`lora`: the engine loaded every adapter at scale 0, so the others stay off)."""
-    for name, engine_id, scale in endpoint.adapters or ():
-        if name == adapter:
-            return json.dumps({**json.loads(raw), "lora": [{"id": engine_id, "scale": scale}]}).encode()
-    return raw
+def with_lora(raw: bytes, adapter: str | None, endpoint: Endpoint) -> bytes:
+    """The body for a llama-server replica that loaded adapters: every one of them by the pod's own
+    id, at the scale of the adapter the request names and at 0 for the others (all at 0 for the base
+    model). Always explicit: build b11434 reuses a slot's adapter state for a request that sends no
+    `lora`, so a base request after an adapter's came back with the adapter applied (measured in the
+    e2e tier)."""
+    lora = [
+        {"id": i, "scale": scale if name == adapter else 0.0} for name, i, scale in endpoint.adapters or ()
+    ]
+    if not lora:
+        return raw
+    return json.dumps({**json.loads(raw), "lora": lora}).encode()
 
 
 async def prepare(state: State, request: Request, path: str) -> JSONResponse | Prepared:
