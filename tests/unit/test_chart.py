@@ -377,10 +377,17 @@ def test_all_optional_features(helm: Any) -> None:
     }
     assert np["spec"]["policyTypes"] == ["Ingress"]
     gateway_rule, metrics_rule = np["spec"]["ingress"]
-    (peer,) = gateway_rule["from"]
+    # The gateway (requests, scrapes) and the operator (vLLM's run-time LoRA adapter loads), each
+    # selected by its pod labels: not each other's, nor any other pod of the release's namespace.
+    peer, operator_peer = gateway_rule["from"]
     gateway_pod_labels = objs["Deployment", GATEWAY]["spec"]["template"]["metadata"]["labels"]
+    operator_pod_labels = objs["Deployment", OPERATOR]["spec"]["template"]["metadata"]["labels"]
     assert peer["podSelector"]["matchLabels"].items() <= gateway_pod_labels.items()
-    assert peer["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": NAMESPACE}}
+    assert not peer["podSelector"]["matchLabels"].items() <= operator_pod_labels.items()
+    assert operator_peer["podSelector"]["matchLabels"].items() <= operator_pod_labels.items()
+    assert not operator_peer["podSelector"]["matchLabels"].items() <= gateway_pod_labels.items()
+    for p in (peer, operator_peer):
+        assert p["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": NAMESPACE}}
     assert gateway_rule["ports"] == [{"port": contract.ENGINE_PORT_NAME, "protocol": "TCP"}]
     (peer,) = metrics_rule["from"]
     assert peer == {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
