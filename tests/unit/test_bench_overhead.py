@@ -86,15 +86,22 @@ def test_summarize_phase_figures():
 
 
 def test_goals():
+    router = {"gateway_cpu_us_per_request": {"value": 100, "kubeinfer": 180, "ratio_vs_kubeinfer": 100 / 180}}
     good = {
-        "small": {"added_p50_ms": 0.6, "added_p99_ms": 4.0, "errors": {}},
-        "stream": {"added_itl_p99_ms": 0.5},
-    }
+        "small": {"added_p50_ms": 0.25, "added_p99_ms": 0.9, "gateway_cpu_us_per_request": 180, "errors": {},
+                  "vs_kubeinfer": {"vllm-router": router}},
+        "stream": {"added_itl_p99_ms": 0.5, "gateway_cpu_us_per_chunk": 14},
+    }  # fmt: skip
     assert all(check_goals(good).values())
-    bad = {"small": {"added_p50_ms": 1.6, "added_p99_ms": 4.0, "errors": {"gateway:x": 1}}}
+    slow = {"vllm-router": {"gateway_cpu_us_per_request": {"ratio_vs_kubeinfer": 0.4}}}
+    bad = {"small": {"added_p50_ms": 0.4, "added_p99_ms": 0.9, "gateway_cpu_us_per_request": 400,
+                     "errors": {"gateway:x": 1}, "vs_kubeinfer": slow}}  # fmt: skip
     goals = check_goals(bad)
-    assert goals["added_p50_ms<=1"] is False and goals["added_p99_ms<=5"] is True
-    assert goals["stream_added_itl_p99_ms<=1"] is None and goals["no_errors"] is False
+    assert goals["added_p50_ms<=0.3"] is False and goals["added_p99_ms<=1"] is True
+    assert goals["cpu_us_per_request<=200"] is False and goals["cpu_per_request<=2x_vllm_router"] is False
+    assert goals["stream_added_itl_p99_ms<=1"] is None and goals["stream_cpu_us_per_chunk<=15"] is None
+    assert goals["no_errors"] is False
+    assert check_goals({"small": {"added_p50_ms": 0.2}})["cpu_per_request<=2x_vllm_router"] is None
 
 
 def test_static_config_is_a_valid_static_discovery_file():
@@ -158,3 +165,33 @@ def test_cli_overhead_smoke(capsys, tmp_path):
     assert out["large"]["body_bytes"] == 20000
     assert out["stream"]["gateway"]["itl_ms"]["p50"] is not None
     assert out["gateway_cpu_us_per_request"] > 0 and out["errors"] == {}
+
+
+def test_variants_are_server_and_client_flags_of_the_gateway():
+    assert overhead.variant_args("uvicorn+aiohttp") == ["--server", "uvicorn", "--upstream-client", "aiohttp"]
+    assert overhead.variant_args("granian") == ["--server", "granian"]
+    assert overhead.variant_name("uvicorn+aiohttp") == "kubeinfer[uvicorn+aiohttp]"
+    for bad in ("nginx", "uvicorn+httpx", ""):
+        with pytest.raises(ValueError, match="SERVER"):
+            overhead.variant_args(bad)
+    with pytest.raises(ValueError):
+        overhead.OverheadConfig(variants=("uvicorn+curl",)).validate()
+
+
+def test_cli_overhead_variant_smoke(capsys):
+    """The earlier stack (uvicorn + aiohttp) as a target of its own beside kubeinfer's gateway, and
+    kubeinfer's gateway on uvicorn: both serve, both are reported like peers."""
+    rc = main(
+        ["bench", "overhead", "--json", "--rate", "40", "--duration", "0.75", "--slot", "0.25",
+         "--warmup", "0.1", "--phases", "small,stream", "--stream-concurrency", "2", "--stream-tokens", "3",
+         "--stream-interval-ms", "5", "--stream-duration", "0.75", "--stream-slot", "0.25",
+         "--gateway", "uvicorn", "--variants", "kubeinfer+aiohttp"]
+    )  # fmt: skip
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0, out["errors"]
+    assert out["gateway"] == "uvicorn"
+    name = "kubeinfer[kubeinfer+aiohttp]"
+    assert out["peers"][name]["version"] == "kubeinfer+aiohttp"
+    for phase in ("small", "stream"):
+        assert out[phase]["peers"][name][name]["ok"] > 0
+        assert out[phase]["peers"][name]["errors"] == {}

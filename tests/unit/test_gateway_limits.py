@@ -2,8 +2,9 @@
 (413), in-flight requests per client (429), slow bodies (408) and idle keep-alive connections.
 
 In process with Starlette's TestClient where one request at a time will do; otherwise the real
-uvicorn server the CLI runs (same options, `uvicorn_options`) on 127.0.0.1 with a free port, and raw
-sockets for what an HTTP client library would not do (trickle a body, sit on an idle connection).
+servers the CLI runs, each test on both (kubeinfer's own, gateway/httpserver.py, the default, and
+uvicorn with `uvicorn_options`), on 127.0.0.1 with a free port, and raw sockets for what an HTTP client
+library would not do (trickle a body, sit on an idle connection).
 Replicas are played in memory (httpx.MockTransport). Every wait is bounded.
 """
 
@@ -27,6 +28,7 @@ from kubeinfer.gateway.app import GatewayApp, GatewaySettings, create_app
 from kubeinfer.gateway.auth import ApiKey, KeyStore, digest
 from kubeinfer.gateway.cli import gateway_config, gateway_settings, uvicorn_options
 from kubeinfer.gateway.config import GatewayConfig, Route
+from kubeinfer.gateway.httpserver import HTTPServer
 from kubeinfer.gateway.limits import BodyDeadlines, ClientSlots
 from kubeinfer.gateway.proxy import PROXIED
 from kubeinfer.gateway.registry import ModelEntry, Registry
@@ -92,23 +94,41 @@ def _app(settings: GatewaySettings, engine: Any = None, keys: KeyStore | None = 
     return create_app(reg, settings, upstream=mock_upstream(engine or Engine()), keys=keys)
 
 
+@pytest.fixture(params=["kubeinfer", "uvicorn"])
+def server(request: pytest.FixtureRequest) -> str:
+    """The HTTP server a test runs the gateway on: each test on both."""
+    return str(request.param)
+
+
 @contextlib.asynccontextmanager
-async def serve(app: GatewayApp, config: GatewayConfig | None = None) -> AsyncIterator[int]:
-    """The app on uvicorn, as `kubeinfer gateway` runs it, on a free port of 127.0.0.1."""
+async def serve(
+    app: GatewayApp, config: GatewayConfig | None = None, server: str = "kubeinfer"
+) -> AsyncIterator[int]:
+    """The app on `server` (kubeinfer's own or uvicorn), as `kubeinfer gateway` runs it, on a free port
+    of 127.0.0.1."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, **uvicorn_options(config or GatewayConfig())))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
+    if server == "kubeinfer":
+        own = HTTPServer(app, keep_alive_timeout=(config or GatewayConfig()).keep_alive_timeout)
+        await own.start(sock=sock)
+        try:
+            yield port
+        finally:
+            await asyncio.wait_for(own.shutdown(grace=1), 10)
+            sock.close()
+        return
+    server_ = uvicorn.Server(uvicorn.Config(app, **uvicorn_options(config or GatewayConfig())))
+    task = asyncio.create_task(server_.serve(sockets=[sock]))
     try:
         async with asyncio.timeout(10):
-            while not server.started:
+            while not server_.started:
                 assert not task.done(), "uvicorn did not start"
                 await asyncio.sleep(0.01)
         yield port
     finally:
-        server.should_exit = True
+        server_.should_exit = True
         await asyncio.wait_for(task, 10)
         sock.close()
 
@@ -134,8 +154,12 @@ async def _until(check: Any, seconds: float = 5) -> None:
 
 
 def _handlers() -> list[asyncio.Task[Any]]:
-    """uvicorn's request tasks (one per request being handled)."""
-    return [t for t in asyncio.all_tasks() if "run_asgi" in repr(t.get_coro())]
+    """The server's request tasks (one per request being handled): uvicorn's or kubeinfer's."""
+    return [
+        t
+        for t in asyncio.all_tasks()
+        if any(n in repr(t.get_coro()) for n in ("run_asgi", "_Connection._run"))
+    ]
 
 
 def _envelope(body: bytes | dict[str, Any], code: str) -> dict[str, Any]:
@@ -240,11 +264,14 @@ def test_client_slots_count_and_forget_idle_clients():
     assert slots.counts == {}
 
 
-async def test_concurrency_per_key_429_and_release_on_completion():
+async def test_concurrency_per_key_429_and_release_on_completion(server):
     engine = Engine()
     keys = KeyStore([ApiKey("alice", digest("ka")), ApiKey("bob", digest("kb"))])
     app = _app(GatewaySettings(max_concurrent_per_client=1), engine, keys=keys)
-    async with serve(app) as port, httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
+    async with (
+        serve(app, server=server) as port,
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as c,
+    ):
         alice, bob = {"authorization": "Bearer ka"}, {"authorization": "Bearer kb"}
         held = asyncio.create_task(c.post("/v1/chat/completions", json=chat("wait"), headers=alice))
         await _until(lambda: engine.held == 1)
@@ -259,10 +286,10 @@ async def test_concurrency_per_key_429_and_release_on_completion():
         assert (await c.post("/v1/chat/completions", json=chat(), headers=alice)).status_code == 200
 
 
-async def test_concurrency_anonymous_is_per_client_address_and_released_on_error():
+async def test_concurrency_anonymous_is_per_client_address_and_released_on_error(server):
     engine = Engine()
     app = _app(GatewaySettings(max_concurrent_per_client=1, retries=0), engine)
-    async with serve(app) as port:
+    async with serve(app, server=server) as port:
         url = f"http://127.0.0.1:{port}"
         other = httpx.AsyncHTTPTransport(local_address="127.0.0.2")  # another client on the loopback
         async with httpx.AsyncClient(base_url=url, timeout=10) as c, \
@@ -280,11 +307,11 @@ async def test_concurrency_anonymous_is_per_client_address_and_released_on_error
             assert (await c.post("/v1/chat/completions", json=chat())).status_code == 200
 
 
-async def test_concurrency_released_at_stream_end_and_on_client_disconnect():
+async def test_concurrency_released_at_stream_end_and_on_client_disconnect(server):
     engine = Engine()
     app = _app(GatewaySettings(max_concurrent_per_client=1), engine)
     slots = None
-    async with serve(app) as port:
+    async with serve(app, server=server) as port:
         slots = app.state.gw.client_slots
         # A client that goes away mid-stream: the relay is cancelled, the upstream closed, the slot freed.
         body = json.dumps(chat(stream=True)).encode()
@@ -335,9 +362,9 @@ def test_body_deadlines_cancel_only_late_reads():
     asyncio.run(main())
 
 
-async def test_a_trickled_body_gets_408_while_others_are_served():
+async def test_a_trickled_body_gets_408_while_others_are_served(server):
     app = _app(GatewaySettings(body_timeout=0.5))
-    async with serve(app) as port:
+    async with serve(app, server=server) as port:
         reader, writer = await _connect(port)
         writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
                      b"content-length: 1000\r\n\r\n{")  # fmt: skip
@@ -372,9 +399,9 @@ async def test_a_trickled_body_gets_408_while_others_are_served():
             writer.close()
 
 
-async def test_headers_then_silence_gets_408():
+async def test_headers_then_silence_gets_408(server):
     app = _app(GatewaySettings(body_timeout=0.3))
-    async with serve(app) as port:
+    async with serve(app, server=server) as port:
         reader, writer = await _connect(port)
         writer.write(b"POST /v1/embeddings HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\n")
         status, _, body = await _read_response(reader)
@@ -386,9 +413,9 @@ async def test_headers_then_silence_gets_408():
 # --- header size and keep-alive on the real server --------------------------------------------------------
 
 
-async def test_real_server_answers_431_for_large_headers():
+async def test_real_server_answers_431_for_large_headers(server):
     async with (
-        serve(_app(GatewaySettings())) as port,
+        serve(_app(GatewaySettings()), server=server) as port,
         httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as c,
     ):
         r = await c.post("/v1/chat/completions", json=chat(), headers={"x-pad": "a" * (100 << 10)})
@@ -397,9 +424,9 @@ async def test_real_server_answers_431_for_large_headers():
         assert (await c.get("/healthz", headers={"x-pad": "a" * (60 << 10)})).status_code == 200
 
 
-async def test_idle_keep_alive_connection_is_closed_after_the_timeout():
+async def test_idle_keep_alive_connection_is_closed_after_the_timeout(server):
     config = GatewayConfig(keep_alive_timeout=1.0)
-    async with serve(_app(GatewaySettings()), config) as port:
+    async with serve(_app(GatewaySettings()), config, server=server) as port:
         reader, writer = await _connect(port)
         writer.write(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
         status, headers, _ = await _read_response(reader)

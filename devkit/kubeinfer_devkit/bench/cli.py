@@ -104,6 +104,7 @@ def cmd_bench_overhead(args: argparse.Namespace) -> int:
         stream_tokens=args.stream_tokens, stream_interval_ms=args.stream_interval_ms,
         stream_duration=args.stream_duration, stream_slot=args.stream_slot, warmup=args.warmup,
         pin=args.pin, phases=tuple(args.phases.split(",")), peers=_peers(args.peers),
+        gateway=args.gateway or "", variants=tuple(v for v in (args.variants or "").split(",") if v),
     )  # fmt: skip
     try:
         result = asyncio.run(run_overhead(config, on_phase=lambda name: _say(f"phase {name}")))
@@ -250,6 +251,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
                    help="gateway on the last core, the rest on the others (Linux, 2+ cores)")  # fmt: skip
     p.add_argument("--peers", help=PEERS_HELP)
+    p.add_argument(
+        "--gateway", metavar="SERVER+CLIENT",
+        help="kubeinfer's gateway: HTTP server (kubeinfer, uvicorn, granian, aiohttp) + client to the "
+        "replicas (kubeinfer, aiohttp); default: the gateway's defaults",
+    )  # fmt: skip
+    p.add_argument(
+        "--variants", metavar="SERVER+CLIENT,...",
+        help="more kubeinfer gateways as targets of their own, e.g. uvicorn+aiohttp (the earlier stack)",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true")
     p.add_argument("--plot", help="also write a figure (PNG or SVG; needs the bench extra)")
     p.set_defaults(func=cmd_bench_overhead)

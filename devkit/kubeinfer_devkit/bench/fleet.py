@@ -310,10 +310,11 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def start_gateway(
     static: dict[str, Any], workdir: str, *, cores: set[int] | None = None, scrape_interval: float = 1.0,
-    timeout: float = 30.0, log: IO[bytes] | None = None,
+    timeout: float = 30.0, log: IO[bytes] | None = None, extra_args: Sequence[str] = (),
 ) -> GatewayProcess:  # fmt: skip
     """`kubeinfer gateway --static` as its own process (as in production), without an access log, on a
-    free port of 127.0.0.1; returns once /readyz answers 200."""
+    free port of 127.0.0.1; returns once /readyz answers 200. `extra_args`: more flags of `kubeinfer
+    gateway` (`--server uvicorn`, ...)."""
     import urllib.request
 
     import yaml
@@ -324,7 +325,7 @@ def start_gateway(
     port = free_port()
     argv = [
         sys.executable, "-m", "kubeinfer.cli", "gateway", "--static", path, "--host", "127.0.0.1",
-        "--port", str(port), "--no-access-log", "--scrape-interval", str(scrape_interval),
+        "--port", str(port), "--no-access-log", "--scrape-interval", str(scrape_interval), *extra_args,
     ]  # fmt: skip
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, preexec_fn=pin_to(cores))
     url = f"http://127.0.0.1:{port}"

@@ -44,10 +44,15 @@ from kubeinfer_devkit.bench.peers import overhead_comparison
 
 MODEL = "echo"
 
+# Issue 13's goals (docs/benchmarks.md, "Results: kubeinfer's own server and client"): small phase at
+# 500 requests/s of 1 KB, stream phase at 256 streams; vllm-router's CPU when it runs as a peer.
 GOALS = {
-    "added_p50_ms": 1.0,  # small phase, at 500 requests/s with 1 KB bodies
-    "added_p99_ms": 5.0,
+    "added_p50_ms": 0.3,
+    "added_p99_ms": 1.0,
+    "gateway_cpu_us_per_request": 200.0,
     "stream_added_itl_p99_ms": 1.0,
+    "stream_gateway_cpu_us_per_chunk": 15.0,
+    "cpu_per_request_vs_vllm_router": 2.0,
 }
 
 
@@ -76,6 +81,11 @@ class OverheadConfig:
     peers: tuple[str, ...] = ()
     """Other gateways measured in the same interleaved run (`peers.PEERS`): each phase then lasts
     (2 + peers) / 2 times longer, so that every target keeps its time."""
+    gateway: str = ""
+    """kubeinfer's gateway as `SERVER+CLIENT` (`variant_args`); empty: the gateway's defaults."""
+    variants: tuple[str, ...] = ()
+    """More kubeinfer gateways, each `SERVER+CLIENT` (e.g. `uvicorn+aiohttp`, the earlier stack), run as
+    targets of their own beside the peers, named `kubeinfer[SERVER+CLIENT]`."""
 
     def validate(self) -> None:
         if self.rate <= 0 or self.large_rate <= 0 or self.duration <= 0 or self.slot <= 0:
@@ -88,9 +98,28 @@ class OverheadConfig:
         if unknown:
             raise ValueError(f"unknown phases: {sorted(unknown)}")
         peers.parse_peers(",".join(self.peers))
+        for v in (self.gateway, *self.variants) if self.gateway else self.variants:
+            variant_args(v)
 
 
 # --- pure parts --------------------------------------------------------------------------------------
+
+SERVERS = ("kubeinfer", "uvicorn", "granian", "aiohttp")
+CLIENTS = ("kubeinfer", "aiohttp")
+
+
+def variant_args(variant: str) -> list[str]:
+    """`kubeinfer gateway` flags of a variant `SERVER[+CLIENT]`: its HTTP server (kubeinfer, uvicorn,
+    granian, aiohttp) and its client to the replicas (kubeinfer, aiohttp)."""
+    server, _, client = variant.partition("+")
+    if server not in SERVERS or (client and client not in CLIENTS):
+        raise ValueError(f"gateway variant {variant!r}: want SERVER[+CLIENT], SERVER one of "
+                         f"{', '.join(SERVERS)}, CLIENT one of {', '.join(CLIENTS)}")  # fmt: skip
+    return ["--server", server] + (["--upstream-client", client] if client else [])
+
+
+def variant_name(variant: str) -> str:
+    return f"kubeinfer[{variant}]"
 
 
 def request_body(size: int, *, stream: bool, max_tokens: int, seed: int = 0) -> bytes:
@@ -206,11 +235,22 @@ def check_goals(result: dict[str, Any]) -> dict[str, bool | None]:
     def within(value: Any, limit: float) -> bool | None:
         return None if value is None else bool(value <= limit)
 
+    router = ((small.get("vs_kubeinfer") or {}).get("vllm-router") or {}).get("gateway_cpu_us_per_request")
+    ratio = router.get("ratio_vs_kubeinfer") if router else None  # vllm-router's / kubeinfer's
     return {
-        "added_p50_ms<=1": within(small.get("added_p50_ms"), GOALS["added_p50_ms"]),
-        "added_p99_ms<=5": within(small.get("added_p99_ms"), GOALS["added_p99_ms"]),
+        "added_p50_ms<=0.3": within(small.get("added_p50_ms"), GOALS["added_p50_ms"]),
+        "added_p99_ms<=1": within(small.get("added_p99_ms"), GOALS["added_p99_ms"]),
+        "cpu_us_per_request<=200": within(
+            small.get("gateway_cpu_us_per_request"), GOALS["gateway_cpu_us_per_request"]
+        ),
         "stream_added_itl_p99_ms<=1": within(
             stream.get("added_itl_p99_ms"), GOALS["stream_added_itl_p99_ms"]
+        ),
+        "stream_cpu_us_per_chunk<=15": within(
+            stream.get("gateway_cpu_us_per_chunk"), GOALS["stream_gateway_cpu_us_per_chunk"]
+        ),
+        "cpu_per_request<=2x_vllm_router": (
+            None if not ratio else bool(1 / ratio <= GOALS["cpu_per_request_vs_vllm_router"])
         ),
         "no_errors": not any((result.get(p) or {}).get("errors") for p in ("small", "large", "stream")),
     }
@@ -467,6 +507,20 @@ def _load() -> list[float] | None:
         return None
 
 
+@dataclass
+class _Variant:
+    """Another kubeinfer gateway process, run as a target like a peer."""
+
+    url: str
+    proc: fleet.GatewayProcess
+
+    def cpu_seconds(self) -> float:
+        return peers.tree_cpu_seconds(self.proc.pid)
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+
 def _start_peers(
     venvs: Mapping[str, Any], replica_urls: Sequence[str], workdir: str, cores: set[int] | None,
     entries: dict[str, dict[str, Any]], on_step: Callable[[str], None] | None,
@@ -511,10 +565,21 @@ async def run_overhead(
                 static = fleet.static_config(
                     MODEL, replicas.addresses, "round-robin", target_inflight=10000, max_queue=100000
                 )
-                gateway = fleet.start_gateway(static, tmp, cores=gateway_cores)
-                started: dict[str, peers.PeerProcess] = {}
+                gateway = fleet.start_gateway(
+                    static, tmp, cores=gateway_cores,
+                    extra_args=variant_args(config.gateway) if config.gateway else (),
+                )  # fmt: skip
+                started: dict[str, Any] = {}
                 try:
-                    started = _start_peers(venvs, replicas.urls, tmp, gateway_cores, peer_entries, on_phase)
+                    for v in config.variants:
+                        proc = fleet.start_gateway(
+                            static, tmp, cores=gateway_cores, extra_args=variant_args(v)
+                        )
+                        started[variant_name(v)] = _Variant(proc.url, proc)
+                        peer_entries[variant_name(v)] = {"version": v, "pid": proc.pid}
+                    started.update(
+                        _start_peers(venvs, replicas.urls, tmp, gateway_cores, peer_entries, on_phase)
+                    )
                     peer_urls = {n: p.url for n, p in started.items()}
                     readers: dict[str, Callable[[], float]] = {
                         "gateway": lambda: peers.tree_cpu_seconds(gateway.pid),
@@ -547,9 +612,11 @@ async def run_overhead(
     stream = result.get("stream") or {}
     result["stream_added_itl_p99_ms"] = stream.get("added_itl_p99_ms")
     result["goals"] = check_goals(result)
-    if config.peers:
+    result["gateway"] = config.gateway or "kubeinfer+kubeinfer"
+    if config.peers or config.variants:
         # Every peer asked for is here: its version, or why it is missing.
-        result["peers"] = {n: peer_entries.get(n, {"error": "not run"}) for n in config.peers}
+        names = [variant_name(v) for v in config.variants] + list(config.peers)
+        result["peers"] = {n: peer_entries.get(n, {"error": "not run"}) for n in names}
         result["vs_kubeinfer"] = small.get("vs_kubeinfer") or {}
     return result
 

@@ -246,8 +246,9 @@ def create_app(
     ready: Callable[[], bool] | None = None,
 ) -> GatewayApp:
     """The ASGI app. Replicas are reached with `PooledUpstream` (gateway/upstream.py) unless `upstream`
-    makes another client (aiohttp; tests play the replicas in memory), called inside the app's event loop. `discover`, if given, runs for the app's
-    lifetime and keeps the registry current (Kubernetes discovery)."""
+    makes another client (aiohttp; tests play the replicas in memory), called inside the app's event
+    loop. `discover`, if given, runs for the app's lifetime and keeps the registry current (Kubernetes
+    discovery)."""
     settings = settings or GatewaySettings()
 
     @contextlib.asynccontextmanager

@@ -57,7 +57,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     if args.metrics_port:  # the same registry is also served at /metrics on the API port
         prometheus_client.start_http_server(args.metrics_port, registry=metrics)
     upstream = None
-    if config.upstream_client == "aiohttp":
+    if args.upstream_client == "aiohttp":
         from kubeinfer.gateway.upstream import AiohttpUpstream
 
         def upstream(s: Any) -> Any:
@@ -66,18 +66,22 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     app = create_app(
         registry, settings, upstream=upstream, metrics=metrics, discover=discover, keys=keys, ready=ready
     )
-    serve(app, args.host, args.port, config)
+    serve(app, args.host, args.port, config, server=args.server)
     return 0
 
 
-def serve(app: Any, host: str, port: int, config: Any) -> None:
-    """Run the app on the configured HTTP server until SIGTERM or SIGINT."""
-    if config.server == "uvicorn":
+def serve(app: Any, host: str, port: int, config: Any, server: str = "kubeinfer") -> None:
+    """Run the app on `server` (kubeinfer's own, uvicorn, granian or aiohttp's) until SIGTERM or SIGINT."""
+    if server == "uvicorn":
         import uvicorn
 
         uvicorn.run(app, host=host, port=port, **uvicorn_options(config))
-    elif config.server == "granian":
+    elif server == "granian":
         _serve_granian(app, host, port, config)
+    elif server == "aiohttp":
+        from kubeinfer.gateway import aioserver
+
+        aioserver.run(app, host, port, keep_alive_timeout=config.keep_alive_timeout)
     else:
         from kubeinfer.gateway import httpserver
 
@@ -85,10 +89,15 @@ def serve(app: Any, host: str, port: int, config: Any) -> None:
 
 
 def _serve_granian(app: Any, host: str, port: int, config: Any) -> None:
-    """granian's embedded server (Rust, hyper) in this process's event loop, ASGI interface."""
+    """granian's embedded server (Rust, hyper) in this process's event loop, ASGI interface. granian is
+    not a dependency (it was measured slower here: docs/gateway.md); `pip install granian` to use it."""
     import uvloop
-    from granian.constants import HTTPModes, Interfaces
-    from granian.server.embed import Server
+
+    try:
+        from granian.constants import HTTPModes, Interfaces
+        from granian.server.embed import Server
+    except ImportError:
+        raise CLIError("--server granian needs granian installed (pip install granian)") from None
 
     async def main() -> None:
         server = Server(
@@ -159,7 +168,7 @@ class _RouteLimits(argparse.Action):
 GATEWAY_FLAGS = frozenset(
     {"scrape_interval", "scrape_timeout", "hold_timeout", "retries", "max_body_bytes", "auth",
      "keys_namespace", "log_format", "access_log", "max_body_bytes_by_route", "max_header_bytes",
-     "body_timeout", "max_concurrent_per_client", "keep_alive_timeout", "server", "upstream_client"}
+     "body_timeout", "max_concurrent_per_client", "keep_alive_timeout"}
 )  # fmt: skip
 
 
@@ -190,13 +199,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="in-flight requests per API key (per address when anonymous), else 429 (no limit)",
     )  # fmt: skip
     p.add_argument("--keep-alive-timeout", type=float, help="seconds an idle client connection stays (5)")
+    # Not configuration-file fields: which implementation serves is the operator's choice of binary, not
+    # a tuning knob (docs/gateway.md, "HTTP server and client").
     p.add_argument(
-        "--server", choices=("kubeinfer", "uvicorn", "granian"),
-        help="HTTP server: kubeinfer's own (default), uvicorn (the earlier one) or granian",
+        "--server", choices=("kubeinfer", "uvicorn", "granian", "aiohttp"), default="kubeinfer",
+        help="HTTP server: kubeinfer's own (default), uvicorn (the earlier one), granian or aiohttp's "
+        "(both measured slower)",
     )  # fmt: skip
     p.add_argument(
-        "--upstream-client", choices=("kubeinfer", "aiohttp"),
-        help="client to the replicas: kubeinfer's own HTTP/1.1 pool (default) or aiohttp",
+        "--upstream-client", choices=("kubeinfer", "aiohttp"), default="kubeinfer",
+        help="client to the replicas: kubeinfer's own HTTP/1.1 pool (default; https goes to aiohttp) or "
+        "aiohttp for all (the earlier one)",
     )  # fmt: skip
     p.add_argument(
         "--auth", choices=("auto", "keys", "anonymous"),

@@ -40,12 +40,6 @@ class GatewayConfig(BaseModel):
     """In-flight requests per API key (per client address when anonymous); more get 429. Unset: no limit."""
     keep_alive_timeout: float = Field(default=5.0, gt=0, le=3600)
     """Seconds an idle client connection is kept open after a response."""
-    server: Literal["kubeinfer", "uvicorn", "granian"] = "kubeinfer"
-    """The HTTP server: kubeinfer's own (gateway/httpserver.py), uvicorn (the earlier one) or granian;
-    all serve the same ASGI app (docs/gateway.md, "HTTP server and client")."""
-    upstream_client: Literal["kubeinfer", "aiohttp"] = "kubeinfer"
-    """The client to replicas: kubeinfer's own HTTP/1.1 pool (gateway/upstream.py), or aiohttp for all;
-    https URLs (remote APIs) always go through aiohttp."""
     auth: Literal["auto", "keys", "anonymous"] = "auto"
     """keys: every request needs an API key; anonymous: none; auto: anonymous until a key exists."""
     keys_namespace: str | None = None

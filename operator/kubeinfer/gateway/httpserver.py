@@ -12,7 +12,8 @@ per-message checks. This server does what the gateway needs and no more, on the 
   anything else with chunked transfer encoding, the head written at once (a stream's client sees the
   status before the first token);
 - keep-alive connections, closed by one sweeper per server after `keep_alive_timeout` idle seconds
-  (no timer per request), pipelined requests answered in order, `Expect: 100-continue`, HEAD;
+  (no timer per request), or when a request head takes over `header_timeout` (30 s) to arrive;
+  pipelined requests answered in order, `Expect: 100-continue`, HEAD;
 - back-pressure both ways: a request body over 64 KiB buffered pauses reading, and `send` waits while
   the socket's write buffer is over its high-water mark (a slow client slows its own relay).
 
@@ -36,7 +37,9 @@ import httptools
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
-App = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]]
+App = Callable[
+    [Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]
+]
 
 log = logging.getLogger("kubeinfer.gateway.server")
 
@@ -198,12 +201,16 @@ class _Request:
                 raise RuntimeError("http.response.start sent twice")
             self.started = True
             status = message["status"]
-            parts = [_status_line(status), conn.server.date_header]
-            length = False
+            if status in (204, 304) or status < 200:
+                self.head_only = True  # no body, no framing (RFC 9112 6.3)
+            parts = [_status_line(status), b""]
+            length = dated = False
             for name, value in message.get("headers", ()):
                 lname = name.lower()
                 if lname == b"content-length":
                     length = True
+                elif lname == b"date":
+                    dated = True  # a proxied answer keeps the replica's
                 elif lname == b"connection" and value.lower() == b"close":
                     self.keep_alive = False
                     continue  # written below, once
@@ -216,6 +223,8 @@ class _Request:
                     parts.append(b"transfer-encoding: chunked\r\n")
                 else:
                     self.keep_alive = False  # HTTP/1.0 without a length: the close ends the body
+            if not dated:
+                parts[1] = conn.server.date_header
             if not self.keep_alive:
                 parts.append(b"connection: close\r\n")
             parts.append(b"\r\n")
@@ -250,6 +259,9 @@ class _Connection(asyncio.Protocol):
         """The request whose head or body is being parsed now."""
         self.task: asyncio.Task[None] | None = None
         self.idle_since: float | None = None
+        self.head_since: float | None = None
+        """When the head being parsed began (the server's clock): a head must be in within
+        `header_timeout`, so a client cannot hold a connection by trickling a head."""
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self.client: tuple[str, int] | None = None
@@ -306,6 +318,7 @@ class _Connection(asyncio.Protocol):
     # --- httptools callbacks ---------------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        self.head_since = self.server.clock
         self._url = b""
         self._headers = []
 
@@ -316,6 +329,7 @@ class _Connection(asyncio.Protocol):
         self._headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
+        self.head_since = None
         parser = self.parser
         url = self._url
         path, _, query = url.partition(b"?")
@@ -441,13 +455,21 @@ class _Connection(asyncio.Protocol):
     def idle_for(self, now: float) -> float:
         return now - self.idle_since if self.idle_since is not None and self.current is None else 0.0
 
+    def head_for(self, now: float) -> float:
+        return now - self.head_since if self.head_since is not None else 0.0
+
 
 class HTTPServer:
     """Serves `app` on a listening socket until `shutdown()`; runs the app's lifespan around it."""
 
-    def __init__(self, app: App, *, keep_alive_timeout: float = 5.0, backlog: int = 2048) -> None:
+    def __init__(
+        self, app: App, *, keep_alive_timeout: float = 5.0, header_timeout: float = 30.0, backlog: int = 2048
+    ) -> None:
         self.app = app
         self.keep_alive_timeout = keep_alive_timeout
+        self.header_timeout = header_timeout
+        self.clock = time.monotonic()
+        """Updated by the sweeper: a clock for deadlines checked by the sweeper itself."""
         self.backlog = backlog
         self.loop = asyncio.get_running_loop()
         self.connections: set[_Connection] = set()
@@ -462,14 +484,18 @@ class HTTPServer:
     def _tick(self) -> None:
         self.date_header = b"date: " + formatdate(usegmt=True).encode() + b"\r\n"
 
-    async def start(self, host: str | None = None, port: int | None = None, sock: socket.socket | None = None) -> None:
+    async def start(
+        self, host: str | None = None, port: int | None = None, sock: socket.socket | None = None
+    ) -> None:
         self._lifespan = _Lifespan(self.app, self.lifespan_state)
         await self._lifespan.startup()
         if sock is not None:
-            self._server = await self.loop.create_server(lambda: _Connection(self), sock=sock, backlog=self.backlog)
+            self._server = await self.loop.create_server(
+                lambda: _Connection(self), sock=sock, backlog=self.backlog
+            )
         else:
             self._server = await self.loop.create_server(
-                lambda: _Connection(self), host=host, port=port, backlog=self.backlog, reuse_address=True
+                lambda: _Connection(self), host=host, port=port or 0, backlog=self.backlog, reuse_address=True
             )
         name = self._server.sockets[0].getsockname()
         self.sockname = (name[0], name[1])
@@ -481,12 +507,19 @@ class HTTPServer:
         return self.sockname[1]
 
     async def _sweep(self) -> None:
-        """Once a second: the Date header, and idle keep-alive connections closed."""
+        """Every second (a quarter of the keep-alive timeout if shorter): the Date header, idle
+        keep-alive connections closed, and connections whose request head is not in within
+        `header_timeout` (uvicorn has no such limit: a head trickled byte by byte holds it forever)."""
+        interval = min(1.0, self.keep_alive_timeout / 4)
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(interval)
             self._tick()
             now = time.monotonic()
-            for conn in [c for c in self.connections if c.idle_for(now) > self.keep_alive_timeout]:
+            self.clock = now
+            for conn in [
+                c for c in self.connections
+                if c.idle_for(now) > self.keep_alive_timeout or c.head_for(now) > self.header_timeout
+            ]:  # fmt: skip
                 conn._close()
 
     async def shutdown(self, grace: float = 5.0) -> None:

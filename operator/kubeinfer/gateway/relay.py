@@ -32,7 +32,7 @@ from kubeinfer.gateway.accounting import (
 from kubeinfer.gateway.admission import ModelQueue, QueueFull, QueueTimeout
 from kubeinfer.gateway.registry import ModelEntry
 from kubeinfer.gateway.request import DROP_HEADERS, Prepared, error, parse_duration, with_lora
-from kubeinfer.gateway.routing import Endpoint, Load, RouteRequest, choose
+from kubeinfer.gateway.routing import Endpoint, RouteRequest, choose
 from kubeinfer.gateway.state import State
 from kubeinfer.gateway.upstream import UpstreamError, UpstreamResponse
 
@@ -42,6 +42,7 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 RETRY_STATUSES = {502, 503, 504}
+_NONE: frozenset[str] = frozenset()
 _DROP_WITH_TYPE = DROP_HEADERS | {"content-type"}  # a translated body has its own content type
 # A JSON body passed through unchanged keeps the replica's length: the server then writes the head and
 # the body in one write instead of chunks (two more writes per request).
@@ -51,14 +52,13 @@ _DROP_KEEP_LENGTH = frozenset(DROP_HEADERS - {"content-length"})
 def _try_pick(state: State, entry: ModelEntry, route: RouteRequest, tried: frozenset[str]) -> Endpoint | None:
     """A replica with room (own in-flight below the model's target), its slot taken; or None."""
     endpoints = state.registry.ready_endpoints(entry.name)
-    full = frozenset(
-        e.id for e in endpoints if state.loads.get(e.id, Load()).inflight >= entry.target_inflight
-    )
+    loads, target = state.loads, entry.target_inflight
+    full = [e.id for e in endpoints if (load := loads.get(e.id)) is not None and load.inflight >= target]
     cached = state.prefix_index.match(route.prefix, (e.id for e in endpoints)) if route.prefix else None
     decision = choose(
-        entry.routing.strategy, endpoints, state.loads, route, now=time.monotonic(),
+        entry.routing.strategy, endpoints, loads, route, now=time.monotonic(),
         scrape_interval=state.settings.scrape_interval, rr_counter=state.rr.get(entry.name, 0),
-        target_inflight=entry.target_inflight, cached=cached, exclude=tried | full,
+        target_inflight=target, cached=cached, exclude=tried.union(full) if full else tried,
     )  # fmt: skip
     if decision is None:
         return None
@@ -124,8 +124,10 @@ async def forward(
     for attempt in range(state.settings.retries + 1):
         if attempt == 0:
             try:
-                endpoint = await queue.admit(
-                    lambda: _try_pick(state, entry, route, frozenset()),
+                # What admit() tries first, without its coroutine: nobody waits and a replica has room.
+                picked = _try_pick(state, entry, route, _NONE) if not queue.waiting else None
+                endpoint = picked or await queue.admit(
+                    lambda: _try_pick(state, entry, route, _NONE),
                     lambda: state.registry.has_ready(entry.name),
                     entry.routing.max_queue, timeout,
                 )  # fmt: skip
@@ -219,12 +221,11 @@ async def respond(
     """Relay the upstream response to the client, then release the slot and account for it.
     `head_sent`: the status line went out already (a stream held through a cold start)."""
     model, replica = trace.model.name, trace.replica
+    drop: frozenset[str] | set[str] = DROP_HEADERS
     if relay.content_type:
         drop = _DROP_WITH_TYPE
     elif type(relay) is PlainJSON and not head_sent:
         drop = _DROP_KEEP_LENGTH
-    else:
-        drop = DROP_HEADERS
     headers = []
     for k, v in upstream.headers:
         name = k.lower()
@@ -238,13 +239,16 @@ async def respond(
     # The request body has been read, so the next receive() returns only when the client goes away.
     relaying = True
     main = asyncio.current_task()
-    watcher = asyncio.ensure_future(receive())
+    watcher: asyncio.Future[MutableMapping[str, Any]] | None = None
+    if not getattr(upstream, "whole", False):
+        # (A body already all in is written without waiting on anything: nothing to cancel.)
+        watcher = asyncio.ensure_future(receive())
 
-    def on_disconnect(done: asyncio.Future[MutableMapping[str, Any]]) -> None:
-        if relaying and main is not None and not done.cancelled() and done.exception() is None:
-            main.cancel()
+        def on_disconnect(done: asyncio.Future[MutableMapping[str, Any]]) -> None:
+            if relaying and main is not None and not done.cancelled() and done.exception() is None:
+                main.cancel()
 
-    watcher.add_done_callback(on_disconnect)
+        watcher.add_done_callback(on_disconnect)
     outcome = "ok"
     started = False
     try:
@@ -253,8 +257,8 @@ async def respond(
         started = True
         try:
             feed = relay.feed
-            pump = getattr(upstream, "pump", None)
-            client = getattr(send, "__self__", None)  # the server's request, when it is ours
+            pump: Any = getattr(upstream, "pump", None)
+            client: Any = getattr(send, "__self__", None)  # the server's request, when it is ours
             write = getattr(client, "write_body", None) if pump is not None else None
             if write is not None:
                 # Our server and our client: each chunk goes from the replica's socket callback to the
@@ -268,7 +272,7 @@ async def respond(
                         state.ttft_for(model, replica).observe(trace.first_chunk - trace.arrived)
                     return bool(write(out))
 
-                client.on_drain = upstream.resume  # type: ignore[union-attr]
+                client.on_drain = getattr(upstream, "resume", None)
                 await pump(sink)
             else:
                 async for chunk in upstream.chunks():
@@ -289,7 +293,7 @@ async def respond(
         relaying = False
         await send({"type": "http.response.body", "body": tail, "more_body": False})
     except asyncio.CancelledError:
-        if relaying and watcher.done() and not watcher.cancelled():
+        if relaying and watcher is not None and watcher.done() and not watcher.cancelled():
             outcome = "client_disconnected"  # closing `upstream` below makes the engine stop too
             task = asyncio.current_task()
             if task is not None:
@@ -302,7 +306,8 @@ async def respond(
         outcome = "stream_interrupted"  # a cut JSON body: the connection ends without the rest
     finally:
         relaying = False
-        watcher.cancel()
+        if watcher is not None:
+            watcher.cancel()
         state.release(model, replica)
         await upstream.close()
         account(state, trace, upstream.status, outcome, relay)

@@ -132,9 +132,26 @@ class _Conn(asyncio.Protocol):
     """One keep-alive connection to a replica; carries one request at a time."""
 
     __slots__ = (
-        "_buffered", "_framed", "_reading_paused", "body", "closed", "complete", "error", "head", "headers",
-        "idle_since", "key", "keep_alive", "last_read", "parser", "pool", "sink", "sink_error", "status",
-        "transport", "waiter",
+        "_buffered",
+        "_framed",
+        "_reading_paused",
+        "body",
+        "closed",
+        "complete",
+        "error",
+        "head",
+        "headers",
+        "idle_since",
+        "keep_alive",
+        "key",
+        "last_read",
+        "parser",
+        "pool",
+        "sink",
+        "sink_error",
+        "status",
+        "transport",
+        "waiter",
     )  # fmt: skip
 
     def __init__(self, pool: PooledUpstream, key: str) -> None:
@@ -173,10 +190,10 @@ class _Conn(asyncio.Protocol):
         if self.status and exc is None and not self._framed and not self.complete:
             self.complete = True  # a body without length or chunks ends with the connection
             self.keep_alive = False
-        if not self.complete:
+        elif not self.complete:
             self.error = f"connection lost: {exc}" if exc else "connection closed by the replica"
             self._wake_head()
-            self._wake()
+        self._wake()
 
     def data_received(self, data: bytes) -> None:
         self.last_read = self.pool.now
@@ -279,6 +296,11 @@ class _PooledResponse:
             waiter = conn.waiter = loop.create_future()
             await waiter
 
+    @property
+    def whole(self) -> bool:
+        """Whether the whole body is here already (a short JSON answer usually is, with its head)."""
+        return self._conn.complete
+
     async def pump(self, sink: Callable[[bytes], bool]) -> None:
         """Hand each body chunk to `sink` from the connection's own callback as it arrives (no task
         wake-up per chunk), until the body ends; UpstreamError when it is cut. `sink` returns True when
@@ -372,6 +394,15 @@ class PooledUpstream:
             raise UpstreamError(f"cannot connect to {key}: {type(exc).__name__}: {exc}") from exc
         return conn
 
+    def _idle_conn(self, hostport: str) -> _Conn | None:
+        """The most recently used idle connection to `hostport` still open, or None."""
+        conns = self.idle.get(hostport)
+        while conns:
+            conn = conns.pop()
+            if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
+                return conn
+        return None
+
     def _forget(self, conn: _Conn) -> None:
         self.busy.discard(conn)
         conns = self.idle.get(conn.key)
@@ -401,9 +432,9 @@ class PooledUpstream:
         head.append(b"\r\n")
         request = b"".join(head)
         for attempt in (1, 2):
-            conns = self.idle.get(hostport)
-            reused = bool(conns)
-            conn = conns.pop() if conns else await self._connect(hostport)
+            found = self._idle_conn(hostport)
+            reused = found is not None
+            conn = found or await self._connect(hostport)
             self.busy.add(conn)
             conn.last_read = self.now
             head_fut = conn.head = self.loop.create_future()
@@ -442,8 +473,7 @@ class PooledUpstream:
         )  # fmt: skip
 
         async def fetch() -> tuple[int, str]:
-            conns = self.idle.get(hostport)
-            conn = conns.pop() if conns else await self._connect(hostport)
+            conn = self._idle_conn(hostport) or await self._connect(hostport)
             self.busy.add(conn)
             conn.last_read = self.now
             conn.head = self.loop.create_future()
