@@ -14,7 +14,6 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from kubernetes_asyncio import client, config
@@ -90,10 +89,9 @@ def wait_for() -> Callable[..., Awaitable[object]]:
     return _wait_for
 
 
-@pytest.fixture
-async def namespace(k8s_api: client.ApiClient) -> AsyncIterator[str]:
-    """A fresh namespace whose `default` ServiceAccount exists (so pods are admitted)."""
-    core = client.CoreV1Api(k8s_api)
+async def _fresh_namespace(api: client.ApiClient) -> AsyncIterator[str]:
+    """A fresh namespace whose `default` ServiceAccount exists (so pods are admitted), deleted after."""
+    core = client.CoreV1Api(api)
     name = f"t-{uuid.uuid4().hex[:10]}"
     await core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
 
@@ -106,6 +104,13 @@ async def namespace(k8s_api: client.ApiClient) -> AsyncIterator[str]:
         yield name
     finally:
         await core.delete_namespace(name)
+
+
+@pytest.fixture
+async def namespace(k8s_api: client.ApiClient) -> AsyncIterator[str]:
+    """A fresh namespace on the shared control plane (with kwok)."""
+    async for name in _fresh_namespace(k8s_api):
+        yield name
 
 
 # --- the local stack's node: a control plane without kwok, the node agent and its provisioner ----------
@@ -168,17 +173,6 @@ async def node_api(local_node: LocalNode) -> AsyncIterator[client.ApiClient]:
 
 @pytest.fixture
 async def node_ns(node_api: client.ApiClient) -> AsyncIterator[str]:
-    core = client.CoreV1Api(node_api)
-    name = f"t-{uuid.uuid4().hex[:10]}"
-    body: Any = {"metadata": {"name": name}}
-    await core.create_namespace(body)
-
-    async def has_default_sa() -> bool:
-        sas = await core.list_namespaced_service_account(name)
-        return any(sa.metadata.name == "default" for sa in sas.items)
-
-    await _wait_for(has_default_sa, what=f"ServiceAccount {name}/default")
-    try:
+    """A fresh namespace on the local node's control plane."""
+    async for name in _fresh_namespace(node_api):
         yield name
-    finally:
-        await core.delete_namespace(name)

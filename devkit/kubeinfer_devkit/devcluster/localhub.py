@@ -37,6 +37,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from kubeinfer_devkit.engines.tinymodels import write_gguf
+
 ORG = "kubeinfer-local"
 TOKEN = "hf_kubeinfer_local_dev_token"
 """The token the stack's Hub accepts for gated repositories (a fixed dev token, not a secret)."""
@@ -82,12 +84,7 @@ def gguf_to_f16(src: Path, dst: Path) -> Path:
     for t in reader.tensors:
         data = np.asarray(t.data, dtype=np.float32)
         writer.add_tensor(t.name, data.astype(np.float16) if data.ndim == 2 else data)
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    finally:
-        writer.close()
+    write_gguf(writer)
     return dst
 
 

@@ -145,7 +145,7 @@ def node_conditions(ready: bool = True) -> list[dict[str, Any]]:
     ]
 
 
-async def _body(resp: Any) -> Any:
+async def api_body(resp: Any) -> Any:
     """JSON of a raw (`_preload_content=False`) response; ApiException on an error status."""
     async with resp:
         raw = await resp.read()
@@ -182,7 +182,7 @@ class NodeAgent:
             self.name, machine_capacity(self.state_dir), self.kubelet_port, self.kubelet_version
         )
         try:
-            await _body(await self.core.create_node(body, **_RAW))
+            await api_body(await self.core.create_node(body, **_RAW))
             _log.info("registered node %s", self.name)
         except ApiException as exc:
             if exc.status != 409:
@@ -193,20 +193,20 @@ class NodeAgent:
     async def post_node_status(self, status: dict[str, Any] | None = None) -> None:
         if status is None:
             status = {"conditions": node_conditions()}
-        await _body(await self.core.patch_node_status(self.name, {"status": status}, **_STRATEGIC))
+        await api_body(await self.core.patch_node_status(self.name, {"status": status}, **_STRATEGIC))
 
     async def renew_lease(self) -> None:
         coord = client.CoordinationV1Api(self.api)
         spec = {"holderIdentity": self.name, "leaseDurationSeconds": LEASE_SECONDS, "renewTime": micro_now()}
         try:
-            await _body(
+            await api_body(
                 await coord.patch_namespaced_lease(self.name, LEASE_NAMESPACE, {"spec": spec}, **_MERGE)
             )
         except ApiException as exc:
             if exc.status != 404:
                 raise
             body: Any = {"metadata": {"name": self.name, "namespace": LEASE_NAMESPACE}, "spec": spec}
-            await _body(await coord.create_namespaced_lease(LEASE_NAMESPACE, body, **_RAW))
+            await api_body(await coord.create_namespaced_lease(LEASE_NAMESPACE, body, **_RAW))
 
     async def heartbeat(self) -> None:
         last_status = time.monotonic()
@@ -248,7 +248,7 @@ class NodeAgent:
         selector = f"spec.nodeName={self.name}"
         while True:
             try:
-                data = await _body(
+                data = await api_body(
                     await self.core.list_pod_for_all_namespaces(field_selector=selector, **_RAW)
                 )
                 listed = {p["metadata"]["uid"] for p in data["items"]}
@@ -274,7 +274,7 @@ class NodeAgent:
                 await asyncio.sleep(1)
 
     async def patch_pod_status(self, worker: PodWorker, status: dict[str, Any]) -> None:
-        await _body(
+        await api_body(
             await self.core.patch_namespaced_pod_status(
                 worker.name, worker.namespace, {"status": status}, **_STRATEGIC
             )
@@ -284,7 +284,7 @@ class NodeAgent:
         """The kubelet's last word on a pod it stopped: delete it now, if it is still that pod."""
         body: Any = {"gracePeriodSeconds": 0, "preconditions": {"uid": worker.uid}}
         try:
-            await _body(
+            await api_body(
                 await self.core.delete_namespaced_pod(worker.name, worker.namespace, body=body, **_RAW)
             )
         except ApiException as exc:
@@ -318,7 +318,7 @@ class NodeAgent:
             "count": 1, "reportingComponent": AGENT, "reportingInstance": self.name,
         }  # fmt: skip
         with contextlib.suppress(ApiException, OSError, TimeoutError):
-            await _body(await self.core.create_namespaced_event(worker.namespace, body, **_RAW))
+            await api_body(await self.core.create_namespaced_event(worker.namespace, body, **_RAW))
 
     # -- volumes and env ----------------------------------------------------------------------------
 
@@ -349,7 +349,7 @@ class NodeAgent:
         key = (namespace, claim)
         if key not in self._claims:
             try:
-                pvc = await _body(
+                pvc = await api_body(
                     await self.core.read_namespaced_persistent_volume_claim(claim, namespace, **_RAW)
                 )
                 pv_name = (pvc.get("spec") or {}).get("volumeName")
@@ -357,7 +357,7 @@ class NodeAgent:
                     raise Unrunnable(
                         "CreateContainerConfigError", f"claim {claim!r} is not bound to a volume"
                     )
-                pv = await _body(await self.core.read_persistent_volume(pv_name, **_RAW))
+                pv = await api_body(await self.core.read_persistent_volume(pv_name, **_RAW))
             except ApiException as exc:
                 raise Unrunnable(
                     "CreateContainerConfigError", f"claim {claim!r}: {exc.status} {exc.reason}"
@@ -406,9 +406,10 @@ class NodeAgent:
         kind = "secret" if secret else "configmap"
         try:
             if secret:
-                obj = await _body(await self.core.read_namespaced_secret(ref["name"], namespace, **_RAW))
+                obj = await api_body(await self.core.read_namespaced_secret(ref["name"], namespace, **_RAW))
             else:
-                obj = await _body(await self.core.read_namespaced_config_map(ref["name"], namespace, **_RAW))
+                config_map = await self.core.read_namespaced_config_map(ref["name"], namespace, **_RAW)
+                obj = await api_body(config_map)
         except ApiException as exc:
             if ref.get("optional"):
                 return None

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import shutil
 import time
@@ -50,6 +49,7 @@ from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from kubeinfer import kube
+from kubeinfer_devkit.devcluster.node import api_body
 from kubeinfer_devkit.devcluster.podplan import NODE_NAME
 
 _log = logging.getLogger("kubeinfer.provisioner")
@@ -67,17 +67,6 @@ ANN_STORAGE_PROVISIONER = (
 ANN_PROVISIONED_BY = "pv.kubernetes.io/provisioned-by"
 RETRY_SECONDS = 5.0
 _RAW: dict[str, Any] = dict(kube.RAW)
-
-
-async def _body(resp: Any) -> Any:
-    """JSON of a raw (`_preload_content=False`) response; ApiException on an error status."""
-    async with resp:
-        raw = await resp.read()
-    if not 200 <= resp.status <= 299:
-        exc = ApiException(status=resp.status, reason=resp.reason)
-        exc.body = raw.decode(errors="replace")
-        raise exc
-    return json.loads(raw) if raw else None
 
 
 def storage_class() -> dict[str, Any]:
@@ -111,7 +100,7 @@ async def install(api: client.ApiClient) -> None:
     )
     for create, body in calls:
         try:
-            await _body(await create(body, **_RAW))
+            await api_body(await create(body, **_RAW))
         except ApiException as exc:
             if exc.status != 409:
                 raise
@@ -255,7 +244,7 @@ class LocalPathProvisioner:
 
     async def provision(self, namespace: str, name: str) -> None:
         try:
-            claim = await _body(
+            claim = await api_body(
                 await self.core.read_namespaced_persistent_volume_claim(name, namespace, **_RAW)
             )
         except ApiException as exc:
@@ -266,7 +255,7 @@ class LocalPathProvisioner:
             return  # bound meanwhile, or deleted
         class_name = (claim.get("spec") or {}).get("storageClassName") or ""
         try:
-            klass = await _body(await self.storage.read_storage_class(class_name, **_RAW))
+            klass = await api_body(await self.storage.read_storage_class(class_name, **_RAW))
         except ApiException as exc:
             if exc.status == 404:
                 return  # the PV controller would not have handed it to us; nothing to go by
@@ -282,7 +271,7 @@ class LocalPathProvisioner:
         path.chmod(0o777)  # as local-path does: whatever user a pod runs as may write
         body: Any = volume_for(claim, klass, path, self.node)
         try:
-            await _body(await self.core.create_persistent_volume(body, **_RAW))
+            await api_body(await self.core.create_persistent_volume(body, **_RAW))
         except ApiException as exc:
             if exc.status != 409:
                 raise
@@ -297,7 +286,7 @@ class LocalPathProvisioner:
 
     async def reclaim(self, name: str) -> None:
         try:
-            volume = await _body(await self.core.read_persistent_volume(name, **_RAW))
+            volume = await api_body(await self.core.read_persistent_volume(name, **_RAW))
         except ApiException as exc:
             if exc.status == 404:
                 return
@@ -313,7 +302,7 @@ class LocalPathProvisioner:
             )
         delete: Any = {"preconditions": {"uid": volume["metadata"]["uid"]}}
         with contextlib.suppress(ApiException):  # gone already, or a new volume of that name
-            await _body(await self.core.delete_persistent_volume(name, body=delete, **_RAW))
+            await api_body(await self.core.delete_persistent_volume(name, body=delete, **_RAW))
         _log.info("volume %s released: deleted, with %s", name, path)
 
     async def _event(self, claim: dict[str, Any], type_: str, reason: str, message: str) -> None:
@@ -328,4 +317,4 @@ class LocalPathProvisioner:
             "reportingComponent": PROVISIONER, "reportingInstance": self.node,
         }  # fmt: skip
         with contextlib.suppress(ApiException, OSError, TimeoutError):
-            await _body(await self.core.create_namespaced_event(meta["namespace"], body, **_RAW))
+            await api_body(await self.core.create_namespaced_event(meta["namespace"], body, **_RAW))

@@ -33,6 +33,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kubeinfer_devkit.engines.tinymodels import write_gguf
+
 # GGUF tensors the adapter targets (per block), as named in the base model.
 GGUF_TARGETS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 # Hugging Face Llama modules the PEFT adapter targets, and where they live in a decoder layer.
@@ -96,12 +98,7 @@ def make_tiny_gguf_lora(
         b = (rng.standard_normal((n_out, rank), dtype=np.float32) * LORA_STD).astype(np.float32)
         writer.add_tensor(f"{stem}.weight.lora_a", a)
         writer.add_tensor(f"{stem}.weight.lora_b", b)
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    finally:
-        writer.close()
+    write_gguf(writer)
     tmp.replace(path)
     return path
 

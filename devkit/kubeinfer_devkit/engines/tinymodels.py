@@ -114,14 +114,19 @@ def make_tiny_gguf(path: Path, vocab_gguf: Path, seed: int = 0) -> Path:
         writer.add_tensor(f"blk.{i}.ffn_gate.weight", weight(GGUF_FFN, GGUF_EMBEDDING))
         writer.add_tensor(f"blk.{i}.ffn_up.weight", weight(GGUF_FFN, GGUF_EMBEDDING))
         writer.add_tensor(f"blk.{i}.ffn_down.weight", weight(GGUF_EMBEDDING, GGUF_FFN))
+    write_gguf(writer)
+    tmp.replace(path)
+    return path
+
+
+def write_gguf(writer: Any) -> None:
+    """Write out a filled `gguf.GGUFWriter` (header, metadata, tensors) and close it."""
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
     finally:
         writer.close()
-    tmp.replace(path)
-    return path
 
 
 def _bytes_to_unicode() -> list[str]:

@@ -140,18 +140,24 @@ def _names(text: str) -> frozenset[str]:
     return frozenset(n.strip() for n in text.split(",") if n.strip())
 
 
-def loaded_adapters(models: object, base: str | None = None) -> frozenset[str]:
-    """The LoRA adapters in a vLLM /v1/models answer: the entries that name a parent model (the base
-    model has none), of `base` if given. Anything unexpected reads as no adapters."""
+def listed_adapters(models: object, base: str | None = None) -> dict[str, str]:
+    """The LoRA adapters in a vLLM /v1/models answer, name -> the path it was loaded from (`root`):
+    the entries that name a parent model (the base model has none), of `base` if given. Anything
+    unexpected reads as no adapters."""
     data = models.get("data") if isinstance(models, dict) else None
-    out = set()
+    out = {}
     for item in data if isinstance(data, list) else []:
         if not isinstance(item, dict):
             continue
         parent, name = item.get("parent"), item.get("id")
         if isinstance(parent, str) and parent and isinstance(name, str) and (base is None or parent == base):
-            out.add(name)
-    return frozenset(out)
+            out[name] = str(item.get("root") or "")
+    return out
+
+
+def loaded_adapters(models: object, base: str | None = None) -> frozenset[str]:
+    """The names of :func:`listed_adapters`."""
+    return frozenset(listed_adapters(models, base))
 
 
 def prefix_hit_rate(prev: ReplicaStats, cur: ReplicaStats) -> float | None:

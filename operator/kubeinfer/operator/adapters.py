@@ -25,6 +25,7 @@ import aiohttp
 
 from kubeinfer import contract
 from kubeinfer.api.v1alpha1 import LLMModel
+from kubeinfer.gateway.scrape import listed_adapters
 from kubeinfer.operator.status import AdapterReport
 from kubeinfer.render.weights import adapter_path
 
@@ -33,15 +34,6 @@ _log = logging.getLogger("kubeinfer.adapters")
 READ_TIMEOUT = aiohttp.ClientTimeout(total=5)
 # Loading reads the adapter's files and moves them to the device: give large adapters time.
 LOAD_TIMEOUT = aiohttp.ClientTimeout(total=300)
-
-
-def _listed(models: Any) -> dict[str, str]:
-    """adapter name -> the path it was loaded from (`root`), from a vLLM /v1/models answer."""
-    out = {}
-    for item in models.get("data") or [] if isinstance(models, dict) else []:
-        if isinstance(item, dict) and item.get("parent") and isinstance(item.get("id"), str):
-            out[item["id"]] = str(item.get("root") or "")
-    return out
 
 
 def _message(status: int, text: str) -> str:
@@ -59,7 +51,7 @@ async def _sync_one(
     async with session.get(f"{url}/v1/models", timeout=READ_TIMEOUT) as resp:
         if resp.status != 200:
             return
-        listed = _listed(await resp.json(content_type=None))
+        listed = listed_adapters(await resp.json(content_type=None))
     names = set(listed)
     for name, path in wanted.items():
         if name in names and listed.get(name) == path:
