@@ -434,7 +434,8 @@ def test_vllm_adapters_load_and_unload_at_run_time(stack: LocalStack) -> None:
         assert exc.value.code == "model_not_found", exc.value.body
         wait_for(lambda: _engine_adapters(stack.serving(VLLM)[0]) == {LORA_A}, 30, f"{LORA_B} unloaded")
         TIMINGS["vLLM: adapter removed -> unloaded"] = time.monotonic() - t2
-        assert set(_vllm_adapters(stack)) == {LORA_A}
+        # The operator unloads first and writes status at the end of the same pass.
+        wait_for(lambda: set(_vllm_adapters(stack)) == {LORA_A}, 30, f"{LORA_B} gone from status")
         assert text_of(stack, LORA_A) == a and text_of(stack, VLLM) == base
         pods = stack.serving(VLLM)
         assert [p["metadata"]["uid"] for p in pods] == [pod_uid] and is_ready(pods[0])

@@ -392,11 +392,21 @@ async def test_engine_metrics_are_scraped_under_load(gateway: Gateway) -> None:
 
 
 async def test_routing_spreads_load_over_replicas(gateway: Gateway) -> None:
+    """16 requests on 2 replicas of 4 slots (targetInflight 4): the first 8 fill both replicas at once,
+    the other 8 wait in the gateway's queue and go to whichever replica frees a slot first. How the
+    queued 8 split depends on each engine's speed on a shared machine (CI once saw 12/4 when one
+    replica's batches ran twice as fast), so the split is asserted only for the ones that waited for
+    nothing."""
     results = await _fire(gateway, "tiny-gguf", 16, 300)  # long enough to overlap
     bad = [(r.status_code, r.text[:200]) for r in results if r.status_code != 200]
     assert not bad, bad
-    per_replica = Counter(r.headers["x-kubeinfer-replica"] for r in results)
-    assert len(per_replica) == 2 and min(per_replica.values()) >= 5, per_replica
+    by_wait = sorted(results, key=lambda r: float(r.headers["x-kubeinfer-queue-wait-ms"]))
+    waits = [float(r.headers["x-kubeinfer-queue-wait-ms"]) for r in by_wait]
+    # A queued request waits for a whole 300-token batch; an admitted one for nothing.
+    assert waits[7] < 50 <= waits[8], waits
+    first = Counter(r.headers["x-kubeinfer-replica"] for r in by_wait[:8])
+    assert sorted(first.values()) == [4, 4], first
+    assert len(Counter(r.headers["x-kubeinfer-replica"] for r in results)) == 2
 
 
 async def test_killed_replica_costs_no_plain_request_and_ends_streams_with_an_error(gateway: Gateway) -> None:
