@@ -185,13 +185,43 @@ def test_cli_overhead_variant_smoke(capsys):
         ["bench", "overhead", "--json", "--rate", "40", "--duration", "0.75", "--slot", "0.25",
          "--warmup", "0.1", "--phases", "small,stream", "--stream-concurrency", "2", "--stream-tokens", "3",
          "--stream-interval-ms", "5", "--stream-duration", "0.75", "--stream-slot", "0.25",
-         "--gateway", "uvicorn", "--variants", "kubeinfer+aiohttp"]
+         "--gateway", "uvicorn", "--variants", "kubeinfer+aiohttp,floor"]
     )  # fmt: skip
     out = json.loads(capsys.readouterr().out)
     assert rc == 0, out["errors"]
     assert out["gateway"] == "uvicorn"
     name = "kubeinfer[kubeinfer+aiohttp]"
     assert out["peers"][name]["version"] == "kubeinfer+aiohttp"
+    assert out["peers"]["floor (bare proxy)"]["version"] == "floor"
     for phase in ("small", "stream"):
-        assert out[phase]["peers"][name][name]["ok"] > 0
-        assert out[phase]["peers"][name]["errors"] == {}
+        for target in (name, "floor (bare proxy)"):
+            assert out[phase]["peers"][target][target]["ok"] > 0
+            assert out[phase]["peers"][target]["errors"] == {}
+
+
+def test_floor_proxy_relays_what_the_replica_answers():
+    """The bare proxy under `--variants floor`: JSON and SSE bodies come back as the replica sent them,
+    and it cannot stand in for the gateway itself."""
+    replicas = fleet.start_fleet("echo", 2, {"chunk_interval_ms": 1})
+    try:
+        floor = fleet.start_floor(replicas.addresses)
+        try:
+            with httpx.Client(timeout=10) as http:
+                for stream in (False, True):
+                    body = overhead.request_body(300, stream=stream, max_tokens=5)
+                    got = [http.post(f"{floor.url}/v1/chat/completions", content=body) for _ in range(2)]
+                    want = http.post(f"{replicas.urls[0]}/v1/chat/completions", content=body)
+                    for r in got:
+                        assert r.status_code == 200
+                        assert r.headers["content-type"] == want.headers["content-type"]
+                        if stream:  # ids and timestamps differ per answer: compare the events' shape
+                            assert r.text.count("data: ") == want.text.count("data: ") == 5 + 2
+                            assert r.text.endswith("data: [DONE]\n\n")
+                        else:
+                            assert r.json()["usage"] == want.json()["usage"]
+        finally:
+            floor.stop()
+    finally:
+        replicas.stop()
+    with pytest.raises(ValueError, match="SERVER"):
+        overhead.OverheadConfig(gateway="floor").validate()

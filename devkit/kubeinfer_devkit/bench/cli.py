@@ -258,7 +258,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )  # fmt: skip
     p.add_argument(
         "--variants", metavar="SERVER+CLIENT,...",
-        help="more kubeinfer gateways as targets of their own, e.g. uvicorn+aiohttp (the earlier stack)",
+        help="more kubeinfer gateways as targets of their own, e.g. uvicorn+aiohttp (the earlier stack); "
+        "floor: the gateway's server and client as a bare proxy, with none of its logic",
     )  # fmt: skip
     p.add_argument("--json", action="store_true")
     p.add_argument("--plot", help="also write a figure (PNG or SVG; needs the bench extra)")

@@ -315,8 +315,6 @@ def start_gateway(
     """`kubeinfer gateway --static` as its own process (as in production), without an access log, on a
     free port of 127.0.0.1; returns once /readyz answers 200. `extra_args`: more flags of `kubeinfer
     gateway` (`--server uvicorn`, ...)."""
-    import urllib.request
-
     import yaml
 
     path = os.path.join(workdir, f"static-{time.monotonic_ns()}.yaml")
@@ -327,6 +325,29 @@ def start_gateway(
         sys.executable, "-m", "kubeinfer.cli", "gateway", "--static", path, "--host", "127.0.0.1",
         "--port", str(port), "--no-access-log", "--scrape-interval", str(scrape_interval), *extra_args,
     ]  # fmt: skip
+    return _start_http(argv, port, cores=cores, timeout=timeout, log=log, what="the gateway")
+
+
+def start_floor(
+    addresses: Sequence[str], *, cores: set[int] | None = None, timeout: float = 30.0,
+    log: IO[bytes] | None = None,
+) -> GatewayProcess:  # fmt: skip
+    """The bare proxy of `bench.floor` over `addresses`, on a free port of 127.0.0.1: the gateway's
+    server and client with none of its logic, the floor under the gateway's figures."""
+    port = free_port()
+    argv = [sys.executable, "-m", "kubeinfer_devkit.bench.floor", "--port", str(port)]
+    for address in addresses:
+        argv += ["--replica", address]
+    return _start_http(argv, port, cores=cores, timeout=timeout, log=log, what="the floor proxy")
+
+
+def _start_http(
+    argv: Sequence[str], port: int, *, cores: set[int] | None, timeout: float, log: IO[bytes] | None,
+    what: str,
+) -> GatewayProcess:  # fmt: skip
+    """Start `argv` (serving on 127.0.0.1:`port`) and return once its /readyz answers 200."""
+    import urllib.request
+
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, preexec_fn=pin_to(cores))
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
@@ -339,7 +360,7 @@ def start_gateway(
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
             procs.stop_process(proc, STOP_GRACE)
-            raise RuntimeError(f"the gateway did not start (exit {proc.returncode})")
+            raise RuntimeError(f"{what} did not start (exit {proc.returncode})")
         time.sleep(0.05)
 
 

@@ -85,7 +85,8 @@ class OverheadConfig:
     """kubeinfer's gateway as `SERVER+CLIENT` (`variant_args`); empty: the gateway's defaults."""
     variants: tuple[str, ...] = ()
     """More kubeinfer gateways, each `SERVER+CLIENT` (e.g. `uvicorn+aiohttp`, the earlier stack), run as
-    targets of their own beside the peers, named `kubeinfer[SERVER+CLIENT]`."""
+    targets of their own beside the peers, named `kubeinfer[SERVER+CLIENT]`; `floor` is the gateway's
+    server and client with none of its logic (`bench.floor`)."""
 
     def validate(self) -> None:
         if self.rate <= 0 or self.large_rate <= 0 or self.duration <= 0 or self.slot <= 0:
@@ -99,13 +100,16 @@ class OverheadConfig:
             raise ValueError(f"unknown phases: {sorted(unknown)}")
         peers.parse_peers(",".join(self.peers))
         for v in (self.gateway, *self.variants) if self.gateway else self.variants:
-            variant_args(v)
+            if v != FLOOR or v == self.gateway:
+                variant_args(v)
 
 
 # --- pure parts --------------------------------------------------------------------------------------
 
 SERVERS = ("kubeinfer", "uvicorn", "granian", "aiohttp")
 CLIENTS = ("kubeinfer", "aiohttp")
+FLOOR = "floor"
+"""The variant that is not a gateway: its server and client as a bare proxy (`bench.floor`)."""
 
 
 def variant_args(variant: str) -> list[str]:
@@ -119,7 +123,7 @@ def variant_args(variant: str) -> list[str]:
 
 
 def variant_name(variant: str) -> str:
-    return f"kubeinfer[{variant}]"
+    return "floor (bare proxy)" if variant == FLOOR else f"kubeinfer[{variant}]"
 
 
 def request_body(size: int, *, stream: bool, max_tokens: int, seed: int = 0) -> bytes:
@@ -572,9 +576,12 @@ async def run_overhead(
                 started: dict[str, Any] = {}
                 try:
                     for v in config.variants:
-                        proc = fleet.start_gateway(
-                            static, tmp, cores=gateway_cores, extra_args=variant_args(v)
-                        )
+                        if v == FLOOR:
+                            proc = fleet.start_floor(replicas.addresses, cores=gateway_cores)
+                        else:
+                            proc = fleet.start_gateway(
+                                static, tmp, cores=gateway_cores, extra_args=variant_args(v)
+                            )
                         started[variant_name(v)] = _Variant(proc.url, proc)
                         peer_entries[variant_name(v)] = {"version": v, "pid": proc.pid}
                     started.update(
