@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from kubeinfer import contract
+from kubeinfer.api.v1alpha1 import LLMModel
 from kubeinfer.estimate import estimate
 from kubeinfer.render.config import load_config
 from kubeinfer.render.manifests import merge_overlay, render, spec_hash
@@ -135,6 +136,23 @@ def test_spec_hash_changes_with_pod_settings_only():
     longer = parse_model(manifest("m", {**FULL_VLLM, "maxModelLen": 4096}))
     assert spec_hash(base) == spec_hash(scaled) == spec_hash(rerouted)
     assert spec_hash(base) != spec_hash(longer)
+    # vLLM's pods do not depend on the in-flight target; llama-server's --threads-http does.
+    deeper = parse_model(manifest("m", {**FULL_VLLM, "routing": {"targetInflight": 100}}))
+    assert spec_hash(base) == spec_hash(deeper)
+
+
+def test_llama_server_spec_hash_follows_the_in_flight_target_its_args_depend_on():
+    def model(routing: dict[str, object] | None) -> LLMModel:
+        spec = {"engine": "llama-server", "model": {"source": "pvc://m/model.gguf"}, "maxNumSeqs": 4}
+        return parse_model(manifest("m", {**spec, **({"routing": routing} if routing else {})}))
+
+    def threads(m: LLMModel) -> str:
+        args = render(m, CONFIG)[0]["spec"]["template"]["spec"]["containers"][0]["args"]
+        return str(args[args.index("--threads-http") + 1])
+
+    base, rerouted, deeper = model(None), model({"strategy": "round-robin"}), model({"targetInflight": 100})
+    assert spec_hash(base) == spec_hash(rerouted) and threads(base) == threads(rerouted)
+    assert threads(base) != threads(deeper) and spec_hash(base) != spec_hash(deeper)
 
 
 def test_render_is_deterministic():

@@ -106,7 +106,8 @@ class ModelSpec(Base):
     or `org/repo:Q4_K_M` (a GGUF file or quant of a repository, llama-server), or `pvc://claim/path`
     (a path in a PersistentVolumeClaim, mounted read-only). Unset for `remote` models."""
     revision: str | None = Field(default=None, max_length=128)
-    """Hugging Face revision (branch, tag or commit) to load; vLLM only."""
+    """Hugging Face revision (branch, tag or commit) to load: vLLM, or llama-server with `cache` (the
+    download Job fetches that revision)."""
     served_name: str | None = Field(default=None, min_length=1, max_length=256, pattern=r"^[\w./:@-]+$")
     """The public model id clients send in `model`; defaults to metadata.name."""
     aliases: list[Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[\w./:@-]+$")]] | None = (

@@ -43,7 +43,7 @@ async def proxy(state: State, scope: Scope, receive: Receive, send: Send) -> Non
     if slots is not None:  # maxConcurrentPerClient: per key, per address when anonymous
         client = prepared.key.key_sha256 or (scope["client"] or ("",))[0]
         if not slots.take(client):
-            state.errors.labels(prepared.entry.name, "concurrency_limit").inc()
+            state.errors.labels(prepared.entry.name, "concurrency_limit_exceeded").inc()
             resp = error(429, f"over {slots.limit} requests in flight for this client", "rate_limit_error",
                          code="concurrency_limit_exceeded", headers={"Retry-After": "1"})  # fmt: skip
             return await resp(scope, receive, send)

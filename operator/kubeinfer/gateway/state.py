@@ -108,7 +108,7 @@ class State:
             registry=self.metrics,
         )  # fmt: skip
         self.queued = Gauge(
-            "kubeinfer_gateway_queued_requests", "Requests waiting for a replica (the autoscaler's signal)",
+            "kubeinfer_gateway_queued_requests", "Requests waiting for a replica",
             ["model"], registry=self.metrics,
         )  # fmt: skip
         self.model_load = Gauge(

@@ -41,6 +41,11 @@ def spec_hash(model: LLMModel) -> str:
         # vLLM loads and unloads adapters at run time (operator/adapters.py): only whether there are
         # any (--enable-lora) shapes the pods. llama-server loads its list at start.
         data["adapters"] = True
+    if model.spec.engine == "llama-server":
+        # llama-server's --threads-http follows the routing's in-flight target: that part of routing
+        # shapes its pods (render/engines.py), so a change of it is a rollout with a new hash.
+        target = model.spec.routing.target_inflight if model.spec.routing else None
+        data["__inflightTarget"] = contract.target_inflight(target, model.spec.max_num_seqs)
     blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:10]
 
