@@ -208,6 +208,17 @@ def test_engines_table_and_every_plot_kind(tmp_path):
                     "config": {"workload": "no-sharing", "replicas": 2, "groups": 2, "concurrency": 2}},
         "engines": _engines_result(),
     }  # fmt: skip
+    # With peers: a second row compares the targets' CPU in each phase.
+    peers = {"vllm-router": {"gateway_cpu_us_per_request": 190.0, "gateway_cpu_us_per_chunk": 25.0}}
+    results["overhead-peers"] = {
+        "small": {**phase, "gateway_cpu_us_per_request": 380.0, "peers": peers},
+        "stream": {**phase, "rate": None, "gateway_cpu_us_per_chunk": 33.0, "peers": peers},
+        "load_average_before": [1.0],
+    }
+    assert plot.targets(results["overhead-peers"], "small", "gateway_cpu_us_per_request") == {
+        "kubeinfer": 380.0,
+        "vllm-router": 190.0,
+    }
     for name, result in results.items():
         out = tmp_path / f"{name}.png"
         plot.plot(result, str(out))

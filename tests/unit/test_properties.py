@@ -23,6 +23,7 @@ import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
+from kubeinfer.gateway import validate
 from kubeinfer.gateway.request import parse_duration
 from kubeinfer.gateway.scrape import ReplicaStats, ScrapeError, parse_metrics, prefix_hit_rate
 from kubeinfer.gateway.translate.common import TranslationError
@@ -944,3 +945,12 @@ DURATION = re.compile(r"([0-9]+(\.[0-9]+)?(ms|s|m|h))+")  # the API's Duration p
 def seconds_of(text: str) -> Fraction:
     pieces = re.findall(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)", text)
     return sum((Fraction(n) * UNITS[u] for n, u in pieces), Fraction(0))
+
+
+# --- the nesting pre-check of request bodies -----------------------------------------------------------
+
+
+@given(st.binary(max_size=2048) | st.text(alphabet='[]{}a"', max_size=512).map(str.encode))
+def test_opener_count_is_the_count_of_brackets(raw: bytes) -> None:
+    """validate._openers (replace-based, for speed) counts exactly what bytes.count would."""
+    assert validate._openers(raw) == raw.count(b"[") + raw.count(b"{")

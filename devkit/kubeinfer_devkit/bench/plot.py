@@ -53,9 +53,37 @@ def _bars(ax: Any, labels: list[str], series: dict[str, list[float | None]], tit
         ax.legend(fontsize=8)
 
 
+# The figures compared across targets when peers or variants ran (a second row of panels).
+_PER_TARGET = (
+    ("small", "gateway_cpu_us_per_request", "CPU per request"),
+    ("large", "gateway_cpu_us_per_request", "CPU per request"),
+    ("stream", "gateway_cpu_us_per_chunk", "CPU per chunk"),
+)
+
+
+def targets(result: dict[str, Any], phase: str, key: str) -> dict[str, float | None]:
+    """kubeinfer's figure and each peer's (or variant's) in one phase, kubeinfer first."""
+    p = result.get(phase) or {}
+    out: dict[str, float | None] = {"kubeinfer": p.get(key)}
+    for name, figures in (p.get("peers") or {}).items():
+        out[name] = figures.get(key)
+    return out
+
+
 def _overhead(plt: Any, result: dict[str, Any]) -> Any:
     phases = [p for p in ("small", "large", "stream") if result.get(p)]
-    fig, axes = plt.subplots(1, len(phases), figsize=(4.2 * len(phases), 3.6), squeeze=False)
+    compared = any((result.get(p) or {}).get("peers") for p in phases)
+    rows = 2 if compared else 1
+    fig, axes = plt.subplots(rows, len(phases), figsize=(4.2 * len(phases), 3.6 * rows), squeeze=False)
+    if compared:
+        for ax, (name, key, what) in zip(axes[1], [t for t in _PER_TARGET if t[0] in phases], strict=True):
+            figures = targets(result, name, key)
+            ax.bar(range(len(figures)), [v or 0.0 for v in figures.values()],
+                   color=["tab:orange"] + ["tab:gray"] * (len(figures) - 1))  # fmt: skip
+            ax.bar_label(ax.containers[0], labels=[_label(v) for v in figures.values()], fontsize=7)
+            ax.set_xticks(range(len(figures)), list(figures), rotation=20, ha="right", fontsize=7)
+            ax.set_title(f"{name}: gateway {what} (same run)", fontsize=10)
+            ax.set_ylabel("µs")
     for ax, name in zip(axes[0], phases, strict=True):
         p = result[name]
         key = "itl_ms" if name == "stream" else "latency_ms"
