@@ -348,9 +348,14 @@ def test_pods_that_cannot_run_here_say_why(stack: LocalStack) -> None:
         # Each says so in a Warning Event (kubectl describe pod) and in the model's Degraded condition.
         for model, text in (("custom-image", "no container runtime"), ("marlin-on-cpu", "GPU kernels only")):
             pod_name = pod_of(model)["metadata"]["name"]  # type: ignore[index]
-            warned = [e for e in stack.events() if e["involvedObject"]["name"] == pod_name
-                      and e["type"] == "Warning" and text in e["message"]]  # fmt: skip
-            assert warned, f"no Warning event for {pod_name}"
+
+            def warned(pod: str = pod_name, text: str = text) -> list[dict[str, Any]]:
+                return [e for e in stack.events() if e["involvedObject"]["name"] == pod
+                        and e["type"] == "Warning" and text in e["message"]]  # fmt: skip
+
+            # The node agent writes the Event and the pod's status separately, at about the same time:
+            # the waiting state seen above does not mean the Event is there yet.
+            wait_for(warned, 30, f"a Warning event for {pod_name}")
             described = stack.kubectl("describe", "pod", pod_name).stdout
             assert "CreateContainerError" in described and text in described
         for model, text in (

@@ -269,8 +269,15 @@ async def test_a_failed_download_says_why_and_starts_no_pods(
     assert obj["status"]["weights"]["summary"] == f"Failed: {reason}"
     assert await _deployment(api, ns, "bad") is None
     (entry,) = obj["status"]["weights"]["entries"]
-    job = await kube.get_job(api, ns, entry["job"])
-    assert job is not None and job["status"].get("failed") == 1  # failed at once: no retries
+
+    # The operator acts on the Job's interim FailureTarget condition; the Job controller counts the
+    # failed pod a moment later (after removing its finalizer).
+    async def counted() -> dict[str, Any] | None:
+        job = await kube.get_job(api, ns, entry["job"])
+        return job if job is not None and (job.get("status") or {}).get("failed") else None
+
+    job = await wait_for(counted, timeout=30, what="the Job's failed pod counted")
+    assert job["status"]["failed"] == 1  # failed at once: no retries
 
     async def warned() -> list[tuple[str, str, str]] | None:
         events = [e for e in await _events(api, ns, "bad") if e[0] == "Warning" and e[1] == reason]

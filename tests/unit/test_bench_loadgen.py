@@ -407,7 +407,8 @@ async def test_warmup_is_sent_first_and_left_out(fake):
     # The first two requests of a model are 250 ms slower: the warm-up takes them.
     warm = await run_load(LoadConfig(url=url, model="cold=2,e", iterations=4, warmup=2))
     assert server.seen["cold=2,e"] == 6
-    assert warm.requests == 4 and warm.latency_ms["p99"] < 150
+    # Under 250 ms, the cold ones' extra delay: the bound tells them apart, loosely (shared CI).
+    assert warm.requests == 4 and warm.latency_ms["p99"] < 200
     assert [rec.index for rec in warm.records] == [0, 1, 2, 3]
     cold = await run_load(LoadConfig(url=url, model="cold=2,f", iterations=4))
     assert cold.latency_ms["p99"] > 240

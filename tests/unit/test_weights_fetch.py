@@ -87,10 +87,12 @@ def root(tmp_path):
     return tmp_path / "cache"
 
 
-async def _fetch(root: Path, key: str = "k", repo: str = "org/tiny", **kw) -> tuple[int, list[dict]]:
+async def _fetch(
+    root: Path, key: str = "k", repo: str = "org/tiny", out: io.StringIO | None = None, **kw
+) -> tuple[int, list[dict]]:
     kw.setdefault("progress_interval", 0.05)
     kw.setdefault("backoff_base", 0.01)
-    out = io.StringIO()
+    out = io.StringIO() if out is None else out  # the caller's, to watch the events as they come
     code = await asyncio.to_thread(fetch, FetchOptions(root=root, key=key, repo=repo, **kw), out)
     return code, [json.loads(line) for line in out.getvalue().splitlines()]
 
@@ -349,9 +351,16 @@ async def test_an_entry_another_job_published_first_is_kept(hub, root, monkeypat
 
 async def test_a_second_fetch_of_the_same_key_waits_for_the_first(hub, root):
     (root / ".partial").mkdir(parents=True)
+    out = io.StringIO()
     with open(root / ".partial" / "k.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a first fetch, busy
-        task = asyncio.ensure_future(_fetch(root, include=("*.json",)))
+        task = asyncio.ensure_future(_fetch(root, include=("*.json",), out=out))
+        # Until it waits for the lock: it asks the Hub for the revision first, which a busy machine may
+        # take longer to do than a fixed sleep allows (then it would never see the lock held).
+        async with asyncio.timeout(30):
+            while "waiting for another fetch" not in out.getvalue():
+                assert not task.done(), out.getvalue()
+                await asyncio.sleep(0.01)
         await asyncio.sleep(0.3)
         assert not task.done() and hub.file_gets() == []
         (root / "k").mkdir()  # the first fetch publishes, then lets go
