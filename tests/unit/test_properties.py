@@ -23,6 +23,7 @@ import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
+from kubeinfer.gateway import usage as usage_module
 from kubeinfer.gateway import validate
 from kubeinfer.gateway.request import parse_duration
 from kubeinfer.gateway.scrape import ReplicaStats, ScrapeError, parse_metrics, prefix_hit_rate
@@ -954,3 +955,27 @@ def seconds_of(text: str) -> Fraction:
 def test_opener_count_is_the_count_of_brackets(raw: bytes) -> None:
     """validate._openers (replace-based, for speed) counts exactly what bytes.count would."""
     assert validate._openers(raw) == raw.count(b"[") + raw.count(b"{")
+
+
+USAGES = st.fixed_dictionaries(
+    {"prompt_tokens": st.integers(0, 10**7), "completion_tokens": st.integers(0, 10**7)},
+    optional={"prompt_tokens_details": JSON_VALUES, "usage": JSON_VALUES},
+)
+
+
+@fast(500)
+@given(JSON_OBJECTS, st.none() | USAGES | JSON_VALUES, st.integers(0, 6), st.sampled_from([None, 0, 2, "\t"]))
+def test_usage_read_near_the_end_is_what_a_whole_parse_reads(
+    body: dict[str, Any], usage: Any, position: int, indent: Any
+) -> None:
+    """usage_from_json decodes only the last `usage` member when it can prove it is a top-level one;
+    on any valid JSON object it answers exactly what parsing the whole answer would. The objects hold
+    `usage` keys nested at any depth, before and after the top-level one, and values of any kind."""
+    items = [(k, v) for k, v in body.items() if k != "usage"]
+    if usage is not None:
+        items.insert(min(position, len(items)), ("usage", usage))
+    raw = json.dumps(dict(items), indent=indent).encode()
+    event(
+        "read near the end" if usage_module._usage_member(raw) is not usage_module._MISSED else "parsed whole"
+    )
+    assert usage_from_json(raw) == usage_from_dict(dict(items).get("usage"))
