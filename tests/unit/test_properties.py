@@ -964,6 +964,9 @@ USAGES = st.fixed_dictionaries(
 
 
 @fast(500)
+@example({"a": 1}, {"prompt_tokens": 3, "completion_tokens": 4}, 0, None)
+@example({'a"usage': {"prompt_tokens": 9}}, {"prompt_tokens": 3, "completion_tokens": 4}, 0, None)
+@example({"x": {"usage": {"prompt_tokens": 9}}}, {"prompt_tokens": 3, "completion_tokens": 4}, 0, 2)
 @given(JSON_OBJECTS, st.none() | USAGES | JSON_VALUES, st.integers(0, 6), st.sampled_from([None, 0, 2, "\t"]))
 def test_usage_read_near_the_end_is_what_a_whole_parse_reads(
     body: dict[str, Any], usage: Any, position: int, indent: Any
