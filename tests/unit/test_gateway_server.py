@@ -30,6 +30,7 @@ from kubeinfer.gateway.httpserver import HTTPServer
 from kubeinfer.gateway.registry import ModelEntry, Registry
 from kubeinfer.gateway.routing import Endpoint
 from kubeinfer.gateway.upstream import PooledUpstream, UpstreamError
+from kubeinfer_devkit.asgi import lifespan, read_body
 
 CHUNK = (
     b'data: {"id":"x","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":" tok"}}]}'
@@ -62,17 +63,9 @@ class Replica:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while (msg := await receive())["type"] != "lifespan.shutdown":
-                if msg["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+            await lifespan(receive, send)
             return
-        body = b""
-        while True:
-            msg = await receive()
-            body += msg.get("body", b"")
-            if not msg.get("more_body"):
-                break
+        body = await read_body(receive)
         if scope["path"] == "/metrics":
             await _reply(send, 200, b"text/plain", b"")
             return
@@ -241,14 +234,9 @@ async def test_keys_are_checked_on_the_own_server():
 
 async def _echo_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] == "lifespan":
-        await Replica()(scope, receive, send)
+        await lifespan(receive, send)
         return
-    body = b""
-    while True:
-        msg = await receive()
-        body += msg.get("body", b"")
-        if not msg.get("more_body"):
-            break
+    body = await read_body(receive)
     out = json.dumps({"path": scope["path"], "query": scope["query_string"].decode(), "n": len(body),
                       "method": scope["method"]}).encode()  # fmt: skip
     await _reply(send, 200, b"application/json", out)

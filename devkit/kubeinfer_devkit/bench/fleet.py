@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable, Generator, MutableMapping, Sequ
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from kubeinfer_devkit.asgi import Disconnected, lifespan, read_body
 from kubeinfer_devkit.devcluster import procs
 
 Scope = MutableMapping[str, Any]
@@ -81,10 +82,7 @@ class EchoUpstream:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            while (msg := await receive())["type"] != "lifespan.shutdown":
-                if msg["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+            await lifespan(receive, send)
             return
         if scope["type"] != "http":
             return
@@ -99,15 +97,10 @@ class EchoUpstream:
             await _reply(send, 404, _JSON, b'{"detail":"Not Found"}')
 
     async def _generate(self, receive: Receive, send: Send) -> None:
-        parts = []
-        while True:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                return
-            parts.append(msg.get("body", b""))
-            if not msg.get("more_body"):
-                break
-        body = b"".join(parts)
+        try:
+            body = await read_body(receive)
+        except Disconnected:
+            return
         self.requests += 1
         found = _MAX_TOKENS.search(body)
         tokens = int(found.group(1)) if found else 16

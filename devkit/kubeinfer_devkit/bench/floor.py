@@ -20,6 +20,7 @@ from typing import Any
 
 from kubeinfer.gateway import httpserver
 from kubeinfer.gateway.upstream import PooledUpstream, UpstreamError
+from kubeinfer_devkit.asgi import Disconnected, lifespan, read_body
 
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -38,30 +39,25 @@ class FloorProxy:
         self._next = itertools.cycle(replicas).__next__
         self.upstream: PooledUpstream | None = None
 
+    def _start(self) -> None:
+        self.upstream = PooledUpstream(connect_timeout=5.0, read_timeout=300.0)  # in the server's loop
+
     async def __call__(self, scope: Message, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    self.upstream = PooledUpstream(connect_timeout=5.0, read_timeout=300.0)
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await lifespan(receive, send, on_startup=self._start)
+            return
         if scope["method"] != "POST":  # /readyz and anything else: the bench's readiness probe
             await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
             await send({"type": "http.response.body", "body": b"ok"})
             return
-        chunks = []
-        while True:
-            message = await receive()
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body"):
-                break
+        try:
+            body = await read_body(receive)
+        except Disconnected:
+            return
         assert self.upstream is not None
         url = f"http://{self._next()}{scope['path']}"
         try:
-            upstream = await self.upstream.post(url, {"content-type": "application/json"}, b"".join(chunks))
+            upstream = await self.upstream.post(url, {"content-type": "application/json"}, body)
         except UpstreamError as exc:
             body = str(exc).encode()
             await send({"type": "http.response.start", "status": 502,

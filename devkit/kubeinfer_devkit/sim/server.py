@@ -28,6 +28,7 @@ import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.types import Receive, Scope, Send
 
+from kubeinfer_devkit.asgi import Disconnected, lifespan, read_body
 from kubeinfer_devkit.sim import protocol
 from kubeinfer_devkit.sim.metrics import Metrics
 from kubeinfer_devkit.sim.model import Engine, EngineConfig, Request
@@ -38,10 +39,6 @@ log = logging.getLogger(__name__)
 
 _JSON = [(b"content-type", b"application/json")]
 _SSE = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
-
-
-class _Disconnected(Exception):
-    pass
 
 
 class SimApp:
@@ -68,7 +65,7 @@ class SimApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await self._lifespan(receive, send)
+            await lifespan(receive, send, on_shutdown=self.aclose)
             return
         if scope["type"] != "http":
             return
@@ -77,7 +74,7 @@ class SimApp:
             if method != "POST":
                 await _send_json(send, 405, {"detail": "Method Not Allowed"})
                 return
-            with contextlib.suppress(_Disconnected):  # gone before its body arrived: nothing to answer
+            with contextlib.suppress(Disconnected):  # gone before its body arrived: nothing to answer
                 await self._generate(receive, send, chat=path == "/v1/chat/completions")
             return
         if method not in ("GET", "HEAD"):
@@ -94,16 +91,6 @@ class SimApp:
         else:
             await _send_json(send, 404, {"detail": "Not Found"})
 
-    async def _lifespan(self, receive: Receive, send: Send) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await self.aclose()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
-
     async def aclose(self) -> None:
         """Stop the engine loop (requests still open never finish)."""
         if self._task is not None:
@@ -115,7 +102,7 @@ class SimApp:
     # -- inference -----------------------------------------------------------------------------------
 
     async def _generate(self, receive: Receive, send: Send, *, chat: bool) -> None:
-        raw = await _read_body(receive)
+        raw = await read_body(receive)
         try:
             req = protocol.parse_request(raw, chat, self.model, self.config.max_model_len)
             prompt = encode(req.pieces, self.config.block_size)
@@ -245,17 +232,6 @@ def _log_crash(task: asyncio.Task[None]) -> None:
     # A bug in the engine loop would otherwise leave every request hanging without a word.
     if not task.cancelled() and task.exception() is not None:
         log.error("simulator engine loop crashed", exc_info=task.exception())
-
-
-async def _read_body(receive: Receive) -> bytes:
-    parts = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise _Disconnected
-        parts.append(message.get("body", b""))
-        if not message.get("more_body"):
-            return b"".join(parts)
 
 
 async def _send(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
