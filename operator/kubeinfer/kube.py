@@ -359,28 +359,32 @@ async def scale_model(api: client.ApiClient, namespace: str, name: str, replicas
     )  # fmt: skip
 
 
-async def scale_from_zero(api: client.ApiClient, namespace: str, name: str) -> bool:
+async def scale_from_zero(api: client.ApiClient, namespace: str, name: str, attempts: int = 5) -> bool:
     """Set replicas to 1 if they are 0 (the gateway, for a request to a scaled-to-zero model); False
-    when they were not 0. Conditional on the Scale's resourceVersion: a model someone scaled between
-    the read and the write is left as it is (409). (A Scale at zero has no spec.replicas at all, so a
-    JSON-patch `test` of that path cannot be the condition.)"""
+    when they were not 0. Conditional on the Scale's resourceVersion, read again after a conflict:
+    the model's resourceVersion also moves with every status write, so a 409 says only that something
+    changed; a model someone scaled meanwhile is then seen at its new count and left alone. (A Scale
+    at zero has no spec.replicas at all, so a JSON-patch `test` of that path cannot be the condition.)"""
     objs = client.CustomObjectsApi(api)
-    scale = await objs.get_namespaced_custom_object_scale(
-        contract.GROUP, contract.VERSION, namespace, contract.PLURAL, name
-    )
-    if int((scale.get("spec") or {}).get("replicas") or 0) != 0:
-        return False
-    patch = {"metadata": {"resourceVersion": scale["metadata"]["resourceVersion"]}, "spec": {"replicas": 1}}
-    try:
-        await objs.patch_namespaced_custom_object_scale(
-            contract.GROUP, contract.VERSION, namespace, contract.PLURAL, name, patch,
-            _content_type=MERGE,  # type: ignore[call-arg]
-        )  # fmt: skip
-    except ApiException as exc:
-        if exc.status == 409:  # changed since the read: someone else scaled it
+    for _ in range(attempts):
+        scale = await objs.get_namespaced_custom_object_scale(
+            contract.GROUP, contract.VERSION, namespace, contract.PLURAL, name
+        )
+        if int((scale.get("spec") or {}).get("replicas") or 0) != 0:
             return False
-        raise
-    return True
+        version = scale["metadata"]["resourceVersion"]
+        patch = {"metadata": {"resourceVersion": version}, "spec": {"replicas": 1}}
+        try:
+            await objs.patch_namespaced_custom_object_scale(
+                contract.GROUP, contract.VERSION, namespace, contract.PLURAL, name, patch,
+                _content_type=MERGE,  # type: ignore[call-arg]
+            )  # fmt: skip
+        except ApiException as exc:
+            if exc.status == 409:  # changed since the read (a status write, or a scale): look again
+                continue
+            raise
+        return True
+    return False  # changing under us every time: the next request (or the autoscaler) tries again
 
 
 async def ready_pod_ips(api: client.ApiClient, namespace: str | None, selector: str) -> list[str]:
