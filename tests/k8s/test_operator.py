@@ -141,6 +141,15 @@ async def _deployment(api, name):
         raise
 
 
+async def _service(api, name):
+    try:
+        return await client.CoreV1Api(api).read_namespaced_service(contract.child_name(name), NS)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
 def _cond(obj, type_):
     for c in (obj or {}).get("status", {}).get("conditions") or []:
         if c["type"] == type_:
@@ -190,7 +199,8 @@ async def test_create_renders_children_and_becomes_ready(api, wait_for):
         assert "--metrics" in container.args
         owner = dep.metadata.owner_references[0]
         assert (owner.kind, owner.name, owner.controller) == ("LLMModel", name, True)
-        svc = await client.CoreV1Api(api).read_namespaced_service(contract.child_name(name), NS)
+        # The children are applied one after another: the Service may follow the Deployment.
+        svc = await wait_for(lambda: _service(api, name), timeout=30, what="Service")
         assert svc.spec.ports[0].port == contract.ENGINE_PORT
 
         obj = await wait_for(await _ready(api, name), timeout=90, what="model Ready")
@@ -585,11 +595,13 @@ async def test_builtin_autoscaler_scales_up_at_once_and_down_after_the_delay(api
         up_after = asyncio.get_running_loop().time() - t0
         obj = await wait_for(await _ready(api, name, want_ready=3), timeout=90, what="3 ready")
         auto = obj["status"]["autoscaling"]
-        assert auto["desiredReplicas"] == 3 and auto["lastScaleReason"].endswith("1 -> 3"), auto
+        # Up at once, within 6 s (up_after below). Usually one step 1 -> 3; a round whose 2 s window
+        # still averaged in an earlier sample recommends 2 first (CI saw 1 -> 2 -> 3 once).
+        assert auto["desiredReplicas"] == 3 and auto["lastScaleReason"].endswith(" -> 3"), auto
         assert auto["lastScaleTime"]
         deployment = await _deployment(api, name)
         assert deployment.spec.replicas == 3  # the scale went through the model into its Deployment
-        assert any("1 -> 3" in m for m in await _events(api, name, "Scaled"))
+        assert any(m.endswith(" -> 3") for m in await _events(api, name, "Scaled"))
 
         fake_gateway.loads[name] = 0.0
         t1 = asyncio.get_running_loop().time()
